@@ -1,0 +1,1 @@
+"""meshd-agent: the per-host registrar, interceptor and proxy."""

@@ -1,0 +1,19 @@
+"""``meshd-agent``: the per-host agent's command line."""
+
+from __future__ import annotations
+
+import click
+
+from meshd import __version__
+from meshd.console import run_cli
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meshd-agent")
+def agent_cli() -> None:
+    """Register local services in Consul, intercept their traffic and carry it over mTLS."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    run_cli(agent_cli, "meshd-agent")

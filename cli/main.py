@@ -1,0 +1,23 @@
+"""``meshctl``: the operator's command line.
+
+Sub-command groups live in their own modules and are registered here. ``CONSUL_HTTP_ADDR``,
+``CONSUL_HTTP_TOKEN`` and ``CONSUL_CACERT`` are honoured as the consul CLI does.
+"""
+
+from __future__ import annotations
+
+import click
+
+from meshd import __version__
+from meshd.console import run_cli
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meshctl")
+def meshctl() -> None:
+    """Operate a meshd service mesh: CA, tokens, intentions, mesh config."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    run_cli(meshctl, "meshctl")

@@ -1,0 +1,1 @@
+"""The meshd control plane: certificate authority and HTTP API."""
