@@ -1,0 +1,1 @@
+"""Fixtures: consul_agent (being written)."""

@@ -1,0 +1,1 @@
+"""Fixtures: pki (being written)."""
