@@ -1,0 +1,368 @@
+"""Driver of the snapshot pipeline: Consul watches -> reducer -> holder -> disk.
+
+Design note. One task owns the :class:`~meshd.snapshot.Reducer`. Watch tasks (one per
+input: mesh config, trust bundle, intentions, and each upstream in the bounded watch set)
+turn Consul results into reducer events and send them over one channel. The owner applies
+each event, starts or stops upstream watches when the reducer's watch set moves, and,
+once the reducer is ready, publishes at most once per coalesce window after the first
+change. A published snapshot goes to the :class:`SnapshotHolder` (latest value; readers
+skip to the newest) and is persisted 0600 atomically. At start the persisted snapshot is
+loaded and published before any watch runs, so a restarted agent serves last-known-good
+while Consul is away.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshd.config import ServiceConfig
+from meshd.consul import ConsulClient, KVEntry, ServiceInstance, Watch, WatchStatistics
+from meshd.keyfile import KeyFileError, read_secret, write_secret
+from meshd.snapshot import (
+    BundleChanged,
+    Endpoint,
+    EndpointsChanged,
+    Event,
+    IntentionsChanged,
+    LocalService,
+    LocalServicesChanged,
+    MeshConfigChanged,
+    Reducer,
+    ReducerStatistics,
+    Snapshot,
+    SnapshotFormatError,
+    UpstreamRequested,
+    from_json,
+    to_json,
+)
+
+log = logging.getLogger("meshd.agent.snapshots")
+SNAPSHOT_FILE = "snapshot.json"
+_EVENT_BUFFER = 256
+
+
+@dataclass(frozen=True)
+class HolderStatistics:
+    """State of a :class:`SnapshotHolder`."""
+
+    version: int | None
+    published: int
+    waiting: int
+
+
+class SnapshotHolder:
+    """The latest published snapshot; readers never queue, they skip to the newest."""
+
+    def __init__(self, initial: Snapshot | None = None) -> None:
+        """Hold *initial* (e.g. the persisted snapshot) until something newer arrives."""
+        self._current = initial
+        self._changed = trio.Event()
+        self._published = 0
+        self._waiting = 0
+
+    def current(self) -> Snapshot | None:
+        """The newest snapshot, or None before the first one."""
+        return self._current
+
+    def publish(self, snapshot: Snapshot) -> bool:
+        """Make *snapshot* current if it is newer; return whether it was."""
+        if self._current is not None and snapshot.version <= self._current.version:
+            return False
+        self._current = snapshot
+        self._published += 1
+        self._changed.set()
+        self._changed = trio.Event()
+        return True
+
+    async def wait_newer(self, version: int | None) -> Snapshot:
+        """Wait for a snapshot newer than *version* (None: any) and return the newest."""
+        self._waiting += 1
+        try:
+            while self._current is None or (
+                version is not None and self._current.version <= version
+            ):
+                await self._changed.wait()
+        finally:
+            self._waiting -= 1
+        return self._current
+
+    def statistics(self) -> HolderStatistics:
+        """A frozen view of the holder."""
+        version = None if self._current is None else self._current.version
+        return HolderStatistics(version, self._published, self._waiting)
+
+
+def load_persisted(state_dir: Path) -> Snapshot | None:
+    """The snapshot persisted in *state_dir*, or None if absent or unreadable (logged)."""
+    path = state_dir / SNAPSHOT_FILE
+    if not path.exists():
+        return None
+    try:
+        return from_json(read_secret(path))
+    except (KeyFileError, SnapshotFormatError) as exc:
+        log.warning("ignoring persisted snapshot %s: %s", path, exc)
+        return None
+
+
+def persist(state_dir: Path, snapshot: Snapshot) -> None:
+    """Write *snapshot* to ``state_dir/snapshot.json``, mode 0600, atomically (blocking)."""
+    write_secret(state_dir / SNAPSHOT_FILE, to_json(snapshot))
+
+
+def local_services_from_config(services: Iterable[ServiceConfig]) -> tuple[LocalService, ...]:
+    """Turn ``meshd.config`` service definitions into the snapshot's :class:`LocalService`."""
+    return tuple(
+        LocalService(s.name, s.id, s.port, s.protocol, tuple(s.upstreams)) for s in services
+    )
+
+
+def endpoint_of(instance: ServiceInstance) -> Endpoint:
+    """A snapshot endpoint for one passing Consul instance."""
+    return Endpoint(
+        instance.address, instance.port, instance.node, instance.service_id, instance.meta
+    )
+
+
+@dataclass(frozen=True)
+class PipelineStatistics:
+    """State of the whole pipeline, for the admin endpoint."""
+
+    holder: HolderStatistics
+    reducer: ReducerStatistics
+    upstream_watches: frozenset[str]
+    watches: tuple[WatchStatistics, ...]
+    persisted: int
+    persist_errors: int
+    dropped_requests: int
+
+
+class SnapshotPipeline:
+    """Handle on a running :func:`serve_snapshots`: the holder plus inputs from the agent."""
+
+    def __init__(
+        self, holder: SnapshotHolder, reducer: Reducer, send: trio.MemorySendChannel[Event]
+    ) -> None:
+        """Wrap the pieces :func:`serve_snapshots` (or a test) assembled."""
+        self.holder = holder
+        self._watches: dict[str, Watch[Any]] = {}
+        self._reducer = reducer
+        self._send = send
+        self._upstream_watches: dict[str, trio.CancelScope] = {}
+        self._persisted = 0
+        self._persist_errors = 0
+        self._dropped = 0
+
+    def request_upstream(self, service: str) -> None:
+        """Ask for *service*'s endpoints (the outbound proxy met it unmapped); never blocks."""
+        self._offer(UpstreamRequested(service))
+
+    def update_local_services(self, services: tuple[LocalService, ...]) -> None:
+        """Replace the local service list (``services.d/`` changed); never blocks."""
+        self._offer(LocalServicesChanged(services))
+
+    def track(self, watch: Watch[Any]) -> Watch[Any]:
+        """Include *watch* in :meth:`statistics` (until :meth:`untrack`); returns it."""
+        self._watches[watch.statistics().name] = watch
+        return watch
+
+    def untrack(self, watch: Watch[Any]) -> None:
+        """Stop reporting *watch*."""
+        name = watch.statistics().name
+        if self._watches.get(name) is watch:  # a restarted watch of the same name stays
+            del self._watches[name]
+
+    def _offer(self, event: Event) -> None:
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            self._dropped += 1  # the caller asks again; the buffer is full of newer work
+
+    def statistics(self) -> PipelineStatistics:
+        """A frozen view of the pipeline."""
+        return PipelineStatistics(
+            holder=self.holder.statistics(),
+            reducer=self._reducer.statistics(),
+            upstream_watches=frozenset(self._upstream_watches),
+            watches=tuple(w.statistics() for _, w in sorted(self._watches.items())),
+            persisted=self._persisted,
+            persist_errors=self._persist_errors,
+            dropped_requests=self._dropped,
+        )
+
+    async def serve_reducer(
+        self,
+        receive: trio.MemoryReceiveChannel[Event],
+        *,
+        state_dir: Path | None,
+        coalesce_s: float,
+        watch_upstream: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """Apply events, keep upstream watches in step, publish coalesced snapshots. Forever.
+
+        Args:
+            receive: events from the watch tasks and the agent.
+            state_dir: where to persist published snapshots (None: do not persist).
+            coalesce_s: a publish happens this long after the first unpublished change.
+            watch_upstream: runs the watch of one upstream until cancelled.
+        """
+        async with trio.open_nursery() as nursery:
+            self._reconcile(nursery, watch_upstream)
+            pending_since: float | None = None
+            while True:
+                deadline = self._deadline(pending_since, coalesce_s)
+                with trio.move_on_at(deadline):
+                    event = await receive.receive()
+                    self._reducer.apply(event, now=trio.current_time())
+                    self._reconcile(nursery, watch_upstream)
+                    if pending_since is None:
+                        pending_since = trio.current_time()
+                    continue
+                pending_since = None
+                await self._publish(state_dir)
+
+    def _deadline(self, pending_since: float | None, coalesce_s: float) -> float:
+        if not self._reducer.ready():
+            return math.inf
+        deadline = math.inf if pending_since is None else pending_since + coalesce_s
+        expiry = self._reducer.next_deadline()
+        return deadline if expiry is None else min(deadline, expiry)
+
+    def _reconcile(
+        self, nursery: trio.Nursery, watch_upstream: Callable[[str], Awaitable[None]]
+    ) -> None:
+        wanted = self._reducer.watch_set()
+        for name in set(self._upstream_watches) - wanted:
+            self._upstream_watches.pop(name).cancel()
+        for name in sorted(wanted - set(self._upstream_watches)):
+            scope = trio.CancelScope()
+            self._upstream_watches[name] = scope
+            nursery.start_soon(_run_in_scope, scope, watch_upstream, name)
+
+    async def _publish(self, state_dir: Path | None) -> None:
+        snapshot = self._reducer.build(trio.current_time(), created_at=time.time())
+        if not self.holder.publish(snapshot):
+            return
+        log.info("published snapshot version %d", snapshot.version)
+        if state_dir is None:
+            return
+        try:
+            await trio.to_thread.run_sync(persist, state_dir, snapshot)
+        except (OSError, KeyFileError) as exc:
+            # Serving goes on from memory; only a restart during the outage loses this one.
+            self._persist_errors += 1
+            log.warning("cannot persist snapshot version %d: %s", snapshot.version, exc)
+        else:
+            self._persisted += 1
+
+
+async def _run_in_scope(
+    scope: trio.CancelScope, run: Callable[[str], Awaitable[None]], name: str
+) -> None:
+    with scope:
+        await run(name)
+
+
+async def pump(
+    source: AsyncIterable[Any], convert: Callable[[Any], Event], send: trio.MemorySendChannel[Event]
+) -> None:
+    """Forward each value *source* yields, converted to an event, into *send*."""
+    async for value in source:
+        await send.send(convert(value))
+
+
+def _kv_value(result: KVEntry | None) -> bytes | None:
+    return None if result is None else result.value
+
+
+def _documents(prefix: str) -> Callable[[tuple[KVEntry, ...]], IntentionsChanged]:
+    def convert(entries: tuple[KVEntry, ...]) -> IntentionsChanged:
+        docs = {e.key[len(prefix) :]: e.value for e in entries if e.key != prefix}
+        return IntentionsChanged(docs)
+
+    return convert
+
+
+async def serve_snapshots(
+    consul: ConsulClient,
+    *,
+    prefix: str = "meshd/",
+    local_services: tuple[LocalService, ...],
+    state_dir: Path | None,
+    coalesce_s: float = 0.05,
+    hold_grace_s: float = 30.0,
+    bundle_key: str = "ca/bundle",
+    task_status: trio.TaskStatus[SnapshotPipeline] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the snapshot pipeline until cancelled.
+
+    Args:
+        consul: the Consul client the watches use.
+        prefix: the meshd KV prefix (``meshd/``).
+        local_services: what this host serves (their upstreams are watched).
+        state_dir: directory of ``snapshot.json`` (loaded at start, written on publish).
+        coalesce_s: publish at most once per this window after the first change.
+        hold_grace_s: keep a service's last good endpoints this long when none pass.
+        bundle_key: KV key of the trust bundle, relative to *prefix*.
+        task_status: started with the :class:`SnapshotPipeline`, after the persisted
+            snapshot (if any) is in its holder.
+    """
+    previous = None if state_dir is None else load_persisted(state_dir)
+    reducer = Reducer(local_services=local_services, hold_grace_s=hold_grace_s, previous=previous)
+    send, receive = trio.open_memory_channel[Event](_EVENT_BUFFER)
+    pipeline = SnapshotPipeline(SnapshotHolder(previous), reducer, send)
+    mesh_key, bundle = f"{prefix}config/mesh", f"{prefix}{bundle_key}"
+    intentions = f"{prefix}intentions/"
+
+    async def watch_upstream(service: str) -> None:
+        watch = pipeline.track(
+            Watch(
+                lambda i, w: consul.health_service(service, index=i, wait_s=w),
+                name=f"health:{service}",
+            )
+        )
+        try:
+            async for value in watch:
+                endpoints = tuple(endpoint_of(i) for i in value)
+                await send.send(EndpointsChanged(service, endpoints, watch.statistics().index))
+        finally:
+            pipeline.untrack(watch)
+
+    fixed: list[tuple[Watch[Any], Callable[[Any], Event]]] = [
+        (
+            Watch(lambda i, w: consul.kv_get(mesh_key, index=i, wait_s=w), name=f"kv:{mesh_key}"),
+            lambda v: MeshConfigChanged(_kv_value(v)),
+        ),
+        (
+            Watch(lambda i, w: consul.kv_get(bundle, index=i, wait_s=w), name=f"kv:{bundle}"),
+            lambda v: BundleChanged(_kv_value(v)),
+        ),
+        (
+            Watch(
+                lambda i, w: consul.kv_list(intentions, index=i, wait_s=w),
+                name=f"kv:{intentions}",
+            ),
+            _documents(intentions),
+        ),
+    ]
+    async with trio.open_nursery() as nursery:
+        for watch, convert in fixed:
+            nursery.start_soon(pump, pipeline.track(watch), convert, send)
+        nursery.start_soon(
+            functools.partial(
+                pipeline.serve_reducer,
+                receive,
+                state_dir=state_dir,
+                coalesce_s=coalesce_s,
+                watch_upstream=watch_upstream,
+            )
+        )
+        task_status.started(pipeline)
