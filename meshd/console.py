@@ -25,7 +25,8 @@ def one_line(message: str) -> str:
 def run_cli(command: click.Command, prog_name: str) -> None:
     """Run *command*, translating :class:`MeshdError` into a one-line error and exit 1."""
     try:
-        command.main(prog_name=prog_name, standalone_mode=False)
+        # Without standalone mode, click returns ctx.exit()'s code instead of exiting.
+        code = command.main(prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
@@ -38,3 +39,4 @@ def run_cli(command: click.Command, prog_name: str) -> None:
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)
