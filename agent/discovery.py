@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from meshd.consul import ConsulError
-from meshd.snapshot import DestinationCache, DiscoveryStatistics
+from meshd.consul import ConsulClient, ConsulError
+from meshd.snapshot import DestinationCache, DiscoveryStatistics, NodeService, match_destination
 
 log = logging.getLogger("meshd.agent.discovery")
 
@@ -91,3 +91,22 @@ async def serve_discovery(
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: resolver.serve(task_status=task_status))
         task_status.started(resolver)
+
+
+def consul_lookup(consul: ConsulClient) -> Lookup:
+    """A :data:`Lookup` by two point reads: the node at the address, then its services.
+
+    Both are small reads scoped to one node (see ADR 004), never a scan of the catalog.
+    A service registered with an explicit address on a node at another address is not
+    found this way; declare it as an upstream instead.
+    """
+
+    async def lookup(address: str, port: int) -> str | None:
+        _, nodes = await consul.catalog_nodes(address=address)
+        found: list[NodeService] = []
+        for node in nodes:
+            for s in await consul.catalog_node_services(node.node):
+                found.append(NodeService(s.service, s.address, s.port))
+        return match_destination(found, address, port)
+
+    return lookup

@@ -317,6 +317,29 @@ async def test_catalog_nodes_and_cluster_info(
         assert "consul" in services
 
 
+async def test_node_lookup_by_address_and_its_services(consul_settings: ConsulSettings) -> None:
+    registration = ServiceRegistration(
+        name="lookup-svc", service_id="lookup-svc-1", address="198.18.9.9", port=7443
+    )
+    async with client_for(consul_settings) as consul:
+        await consul.service_register(registration)
+        try:
+            _, nodes = await consul.catalog_nodes(address="127.0.0.1")
+            assert [n.node for n in nodes] == ["meshd-test"]
+            _, none = await consul.catalog_nodes(address="198.18.250.250")
+            assert none == ()
+            services = await consul.catalog_node_services("meshd-test")
+            found = [s for s in services if s.service == "lookup-svc"]
+            assert [(s.service_id, s.address, s.port) for s in found] == [
+                ("lookup-svc-1", "198.18.9.9", 7443)
+            ]
+            assert await consul.catalog_node_services("no-such-node") == ()
+            with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6"):
+                await consul.catalog_nodes(address='1.2.3.4" or Address != "')
+        finally:
+            await consul.service_deregister("lookup-svc-1")
+
+
 # -- sessions and locks -----------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from meshd.consul.errors import (
 )
 from meshd.consul.model import (
     CatalogNode,
+    CatalogNodeService,
     CheckDefinition,
     KVEntry,
     ServiceInstance,
@@ -30,6 +31,7 @@ from meshd.consul.watch import Watch
 __all__ = [
     "Backoff",
     "CatalogNode",
+    "CatalogNodeService",
     "CheckDefinition",
     "ConsulACLDenied",
     "ConsulBadResponse",

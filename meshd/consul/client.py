@@ -11,6 +11,7 @@ query that returns when the result's index passes ``index`` or after about ``wai
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ import httpx
 from meshd.consul.errors import ConsulBadResponse
 from meshd.consul.model import (
     CatalogNode,
+    CatalogNodeService,
     KVEntry,
     ResponseShapeError,
     ServiceInstance,
@@ -29,6 +31,7 @@ from meshd.consul.model import (
     check_key,
     check_name,
     go_duration,
+    parse_catalog_node,
     parse_catalog_nodes,
     parse_catalog_services,
     parse_health_service,
@@ -297,17 +300,40 @@ class ConsulClient:
         )
 
     async def catalog_nodes(
-        self, *, index: int = 0, wait_s: float | None = None
+        self, *, address: str | None = None, index: int = 0, wait_s: float | None = None
     ) -> tuple[int, tuple[CatalogNode, ...]]:
-        """Every node in the catalog, sorted by name.
+        """Nodes in the catalog, sorted by name; with *address*, only the node(s) there.
+
+        The address filter runs in Consul (``?filter=Address == "..."``, Consul >= 1.5), so
+        finding which node owns an IP is one small read, never a catalog scan.
+
+        Raises:
+            ConsulError: any failure.
+            ValueError: *address* is not an IP address.
+        """
+        path = "/v1/catalog/nodes"
+        if address is None:
+            raw_index, raw = await self._api.catalog.nodes(**self._blocking(index, wait_s))
+        else:
+            params = [("filter", f'Address == "{ipaddress.ip_address(address)}"')]
+            params += list(self._blocking(index, wait_s).items())
+            raw_index, raw = await self._http.get(
+                consul.base.CB.json(index=True), path, params=params, headers=self._headers()
+            )
+        return self._parse("GET", path, lambda: (parse_index(raw_index), parse_catalog_nodes(raw)))
+
+    async def catalog_node_services(self, node: str) -> tuple[CatalogNodeService, ...]:
+        """The service instances registered on *node* (empty if the node is unknown).
 
         Raises:
             ConsulError: any failure.
         """
-        raw_index, raw = await self._api.catalog.nodes(**self._blocking(index, wait_s))
-        return self._parse(
-            "GET", "/v1/catalog/nodes", lambda: (parse_index(raw_index), parse_catalog_nodes(raw))
+        check_name("node name", node)
+        path = f"/v1/catalog/node/{node}"
+        _, raw = await self._http.get(
+            consul.base.CB.json(index=True), path, headers=self._headers()
         )
+        return self._parse("GET", path, lambda: parse_catalog_node(raw))
 
     # -- sessions (for leader locks) ---------------------------------------------------------
 

@@ -149,6 +149,36 @@ class CatalogNode:
     datacenter: str = ""
 
 
+@dataclass(frozen=True)
+class CatalogNodeService:
+    """A service instance registered on a node, at the address it is reached at."""
+
+    service: str
+    service_id: str
+    address: str
+    port: int
+
+
+def parse_catalog_node(raw: object) -> tuple[CatalogNodeService, ...]:
+    """``/v1/catalog/node/<node>``: the node's services (service address, else the node's)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ResponseShapeError(f"expected a JSON object for the node, got {type(raw).__name__}")
+    node_address = _field(_field(raw, "Node", dict), "Address", str)
+    services = _field(raw, "Services", dict, optional=True) or {}
+    found = (
+        CatalogNodeService(
+            service=_field(item, "Service", str),
+            service_id=_field(item, "ID", str),
+            address=_field(item, "Address", str, optional=True) or node_address,
+            port=_field(item, "Port", int),
+        )
+        for item in services.values()
+    )
+    return tuple(sorted(found, key=lambda s: (s.service, s.service_id)))
+
+
 def check_key(key: str, *, allow_empty: bool = False) -> None:
     """Refuse KV keys Consul's HTTP router would redirect or misread.
 
