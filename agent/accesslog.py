@@ -1,0 +1,64 @@
+"""JSON-lines logging: one access-log line per proxied connection, plus agent events.
+
+Lines go to stderr (journald captures them under systemd). Values are JSON-encoded, so a
+peer-controlled string can never inject a line break; nothing secret is ever passed here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import IO, Any
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+class JsonLog:
+    """A minimal structured logger writing one JSON object per line."""
+
+    def __init__(self, stream: IO[str] | None = None, *, level: str = "info") -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._threshold = _LEVELS.get(level, 20)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        try:
+            self._stream.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            # A closed or full log stream must never take the data path down with it.
+            pass
+
+    def event(self, event: str, *, level: str = "info", **fields: Any) -> None:
+        """Log an agent event (``{"ts":…, "level":…, "event":…, …fields}``)."""
+        if _LEVELS.get(level, 20) < self._threshold:
+            return
+        self._write({"ts": round(time.time(), 6), "level": level, "event": event, **fields})
+
+    def access(self, **fields: Any) -> None:
+        """Log one finished connection (``"event": "access"``)."""
+        self._write({"ts": round(time.time(), 6), "level": "info", "event": "access", **fields})
+
+
+class JsonLogHandler(logging.Handler):
+    """Routes the stdlib ``logging`` records of the agent's parts into the JSON log."""
+
+    def __init__(self, log: JsonLog) -> None:
+        super().__init__()
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname.lower()
+        fields: dict[str, Any] = {"logger": record.name}
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        self._log.event(record.getMessage(), level=level if level in _LEVELS else "error", **fields)
+
+
+def install_json_logging(log: JsonLog, level: str) -> None:
+    """Send every ``meshd.*`` stdlib log record through *log* as JSON lines."""
+    root = logging.getLogger("meshd")
+    root.handlers[:] = [JsonLogHandler(log)]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,112 @@
+"""The agent's admin endpoint: ``/metrics``, ``/ready``, ``/stats`` and ``/snapshot``.
+
+It listens on loopback by default and serves GET only. Requests are read with a size limit
+and a deadline, answered, and the connection closed: the endpoint exists for Prometheus
+and operators, not for throughput. Nothing it serves contains a secret (the snapshot holds
+only public material; statistics hold no keys or tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent.metrics import AgentMetrics
+
+MAX_REQUEST_BYTES = 8192
+REQUEST_TIMEOUT_S = 5.0
+
+
+@dataclass
+class AdminSources:
+    """Where the admin endpoint reads what it serves."""
+
+    metrics: AgentMetrics
+    ready: Callable[[], bool]
+    stats: Callable[[], dict[str, Any]]
+    snapshot_json: Callable[[], bytes | None]
+
+
+def _response(status: str, body: bytes, content_type: str) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def _metrics(sources: AdminSources) -> bytes:
+    return _response("200 OK", generate_latest(sources.metrics.registry), CONTENT_TYPE_LATEST)
+
+
+def _ready(sources: AdminSources) -> bytes:
+    if sources.ready():
+        return _response("200 OK", b"ready\n", "text/plain")
+    return _response("503 Service Unavailable", b"not ready\n", "text/plain")
+
+
+def _stats(sources: AdminSources) -> bytes:
+    body = json.dumps(sources.stats(), indent=2, sort_keys=True, default=str).encode()
+    return _response("200 OK", body + b"\n", "application/json")
+
+
+def _snapshot(sources: AdminSources) -> bytes:
+    snap = sources.snapshot_json()
+    if snap is None:
+        return _response("503 Service Unavailable", b"no snapshot yet\n", "text/plain")
+    return _response("200 OK", snap, "application/json")
+
+
+_ROUTES: dict[str, Callable[[AdminSources], bytes]] = {
+    "/metrics": _metrics,
+    "/ready": _ready,
+    "/stats": _stats,
+    "/snapshot": _snapshot,
+}
+
+
+def route(sources: AdminSources, method: str, path: str) -> bytes:
+    """The full HTTP response for one request (pure apart from reading *sources*)."""
+    if method != "GET":
+        return _response("405 Method Not Allowed", b"GET only\n", "text/plain")
+    handler = _ROUTES.get(path.split("?", 1)[0])
+    if handler is None:
+        return _response("404 Not Found", b"not found\n", "text/plain")
+    return handler(sources)
+
+
+async def _handle(sources: AdminSources, stream: trio.SocketStream) -> None:
+    async with stream:
+        data = b""
+        with trio.move_on_after(REQUEST_TIMEOUT_S):
+            while b"\r\n\r\n" not in data and len(data) < MAX_REQUEST_BYTES:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                data += chunk
+        line = data.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            await stream.send_all(_response("400 Bad Request", b"bad request\n", "text/plain"))
+            return
+        await stream.send_all(route(sources, parts[0], parts[1]))
+
+
+async def serve_admin(
+    sources: AdminSources,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin endpoint on *host*:*port* until cancelled; reports the bound port."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, lambda s: _handle(sources, s), listeners)
+        task_status.started(bound)

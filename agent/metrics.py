@@ -1,0 +1,80 @@
+"""The agent's Prometheus metrics, in a registry of its own (one per agent instance).
+
+Counters are touched once per connection, never per chunk: the byte pump keeps plain
+integers and the proxies add them here when the connection ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600, 3600)
+
+
+@dataclass
+class AgentMetrics:
+    """Every metric the agent exports; see docs/agent.md for their meaning."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.connections = Counter(
+            "meshd_tcp_connections",
+            "Proxied TCP connections by direction, source, destination and outcome.",
+            ("direction", "source", "destination", "outcome"),
+            registry=r,
+        )
+        self.bytes = Counter(
+            "meshd_tcp_bytes",
+            "Bytes proxied, by direction, destination and way (to_upstream|to_downstream).",
+            ("direction", "destination", "way"),
+            registry=r,
+        )
+        self.duration = Histogram(
+            "meshd_tcp_connection_duration_seconds",
+            "Lifetime of proxied connections.",
+            ("direction",),
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.tls_failures = Counter(
+            "meshd_tls_failures",
+            "TLS handshakes or peer verifications that failed, by direction and stage.",
+            ("direction", "stage"),
+            registry=r,
+        )
+        self.authz_denied = Counter(
+            "meshd_authz_denied",
+            "Connections refused by intentions, by source and destination.",
+            ("source", "destination"),
+            registry=r,
+        )
+        self.plaintext_inbound = Counter(
+            "meshd_plaintext_inbound",
+            "Plaintext connections into meshed services, by destination and outcome.",
+            ("destination", "outcome"),
+            registry=r,
+        )
+        self.connect_retries = Counter(
+            "meshd_connect_retries",
+            "Outbound connects retried on another endpoint.",
+            ("destination",),
+            registry=r,
+        )
+        self.snapshot_version = Gauge(
+            "meshd_snapshot_version", "Version of the snapshot in use.", registry=r
+        )
+        self.snapshot_created = Gauge(
+            "meshd_snapshot_created_timestamp_seconds",
+            "When the snapshot in use was built (age = now - this).",
+            registry=r,
+        )
+        self.config_errors = Gauge(
+            "meshd_config_errors",
+            "Invalid documents in the snapshot in use, by kind (they fail closed).",
+            ("kind",),
+            registry=r,
+        )

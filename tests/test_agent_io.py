@@ -1,0 +1,141 @@
+"""The agent's small I/O parts: admin endpoint, sd_notify, socket activation, accept loop."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import socket
+from pathlib import Path
+
+import trio
+
+from agent.accesslog import JsonLog
+from agent.admin import AdminSources, route, serve_admin
+from agent.listener import inherited_sockets, open_listener, serve_accept_loop
+from agent.metrics import AgentMetrics
+from agent.sdnotify import notify, watchdog_interval_s
+
+
+def sources(*, ready: bool = True, snap: bytes | None = b'{"version": 1}') -> AdminSources:
+    metrics = AgentMetrics()
+    metrics.connections.labels("outbound", "web", "api", "closed").inc()
+    return AdminSources(
+        metrics=metrics, ready=lambda: ready, stats=lambda: {"x": 1}, snapshot_json=lambda: snap
+    )
+
+
+def test_admin_routes() -> None:
+    metrics = route(sources(), "GET", "/metrics")
+    assert metrics.startswith(b"HTTP/1.1 200 OK")
+    assert b'meshd_tcp_connections_total{destination="api",direction="outbound"' in metrics
+    assert route(sources(ready=False), "GET", "/ready").startswith(b"HTTP/1.1 503")
+    assert route(sources(), "GET", "/ready?verbose").startswith(b"HTTP/1.1 200")
+    assert route(sources(snap=None), "GET", "/snapshot").startswith(b"HTTP/1.1 503")
+    body = route(sources(), "GET", "/stats").split(b"\r\n\r\n", 1)[1]
+    assert json.loads(body) == {"x": 1}
+    assert route(sources(), "POST", "/metrics").startswith(b"HTTP/1.1 405")
+    assert route(sources(), "GET", "/../etc/passwd").startswith(b"HTTP/1.1 404")
+
+
+async def test_admin_serves_over_tcp_and_rejects_garbage() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_admin, sources(), "127.0.0.1", 0)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while chunk := await stream.receive_some(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"ready\n")
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(b"\x16\x03\x01 not http\r\n\r\n")
+            assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 400")
+        nursery.cancel_scope.cancel()
+
+
+def test_sd_notify_sends_to_the_socket_systemd_names(tmp_path: Path) -> None:
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        assert notify("READY=1", {"NOTIFY_SOCKET": path})
+        assert server.recv(100) == b"READY=1"
+    assert not notify("READY=1", {})
+    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval_s({"WATCHDOG_USEC": "soon"}) is None
+
+
+def test_socket_activation_takes_listeners_by_address_and_port() -> None:
+    v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    v4.bind(("127.0.0.1", 0))
+    v4.listen()
+    port = v4.getsockname()[1]
+    # systemd passes listeners as fds 3, 4, ...; emulate by moving ours there.
+    saved = os.dup(3) if _fd_open(3) else None
+    os.dup2(v4.fileno(), 3)
+    try:
+        env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"}
+        found = inherited_sockets(env)
+        assert list(found) == [("127.0.0.1", port)]
+        sock = open_listener("127.0.0.1", port, inherited=found)
+        assert sock.fileno() == 3 and not sock.getblocking()
+        assert inherited_sockets({"LISTEN_PID": "1", "LISTEN_FDS": "1"}) == {}
+        sock.detach()
+    finally:
+        if saved is not None:
+            os.dup2(saved, 3)
+            os.close(saved)
+        v4.close()
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+class FlakyListener:
+    """Fault injection: accept() fails with EMFILE a few times, then behaves."""
+
+    def __init__(self, real: socket.socket, failures: int) -> None:
+        self._real = real
+        self.failures = failures
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self._real.accept()
+
+
+async def test_accept_loop_backs_off_on_fd_exhaustion_then_serves() -> None:
+    real = open_listener("127.0.0.1", 0, inherited={})
+    port = real.getsockname()[1]
+    out = io.StringIO()
+    served = trio.Event()
+
+    async def handler(conn: socket.socket) -> None:
+        conn.close()
+        served.set()
+
+    flaky = FlakyListener(real, failures=3)
+    client = socket.create_connection(("127.0.0.1", port))
+    start = trio.current_time()
+    async with trio.open_nursery() as conns, trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: serve_accept_loop(flaky, handler, conns, log=JsonLog(out), name="test")
+        )  # type: ignore[arg-type]
+        with trio.fail_after(5):
+            await served.wait()
+        nursery.cancel_scope.cancel()
+    client.close()
+    real.close()
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["event"] for e in events] == ["accept_backoff"] * 3
+    assert trio.current_time() - start >= 0.3  # it waited instead of spinning
