@@ -1,0 +1,115 @@
+"""What the proxies need from one snapshot, compiled once per snapshot version.
+
+A :class:`DataPlaneView` joins the snapshot with its parsed parts: the mesh config, the
+compiled intentions policy and the trust bundle. Every parse failure fails closed here, once,
+and is kept as a reason string for logs and the admin endpoint:
+
+- an invalid mesh config document → the fail-closed settings (strict mTLS, default deny,
+  registry-only outbound);
+- an invalid intentions document → that destination denies (see :mod:`meshd.intentions`);
+- a missing or invalid trust bundle → no peer can be verified, so every mTLS connection is
+  refused.
+
+This module is pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshd.intentions import Decision, Policy, authorize, compile_policy, documents_from_raw
+from meshd.meshconfig import MeshConfig, load_mesh_config, mesh_config_key
+from meshd.snapshot import LocalService, Snapshot
+from meshd.trustbundle import TrustBundle, TrustBundleError
+
+DEFAULT_PREFIX = "meshd/"
+
+
+@dataclass(frozen=True)
+class DataPlaneView:
+    """One snapshot, parsed and compiled for the proxies.
+
+    Attributes:
+        snapshot: the snapshot this view was built from.
+        mesh: the mesh settings in force (fail-closed settings if the document is invalid).
+        mesh_error: why the mesh config document was rejected, if it was.
+        policy: the compiled intentions.
+        bundle: the trust bundle, or None when absent or invalid (then nothing verifies).
+        bundle_error: why there is no usable bundle, if there is none.
+    """
+
+    snapshot: Snapshot
+    mesh: MeshConfig
+    mesh_error: str | None
+    policy: Policy
+    bundle: TrustBundle | None
+    bundle_error: str | None
+
+    @property
+    def version(self) -> int:
+        """The snapshot version this view belongs to."""
+        return self.snapshot.version
+
+    def authorize(self, source: str | None, destination: str) -> Decision:
+        """The intentions decision for *source* (None: anonymous) calling *destination*."""
+        return authorize(self.policy, source, destination)
+
+    def source_identity(self, destination: str) -> LocalService | None:
+        """The local service whose identity an outbound connection to *destination* uses.
+
+        A host-level proxy cannot see which local process dialled, so the identity must be
+        unambiguous: the only local service, or else the only one that declares
+        *destination* among its upstreams. Anything else is refused (returns None) rather
+        than guessed, because a guess could borrow another service's permissions.
+        """
+        services = self.snapshot.local_services
+        if len(services) == 1:
+            return services[0]
+        declaring = [s for s in services if destination in s.upstreams]
+        return declaring[0] if len(declaring) == 1 else None
+
+
+def build_view(snapshot: Snapshot, *, prefix: str = DEFAULT_PREFIX) -> DataPlaneView:
+    """Parse and compile *snapshot* for the proxies (see the module note on failures).
+
+    Args:
+        snapshot: the published snapshot.
+        prefix: the KV prefix, only to name keys in error reasons.
+
+    Returns:
+        The view.
+    """
+    loaded = load_mesh_config(mesh_config_key(prefix), snapshot.mesh_config_raw)
+    documents = documents_from_raw(snapshot.intentions_raw, prefix)
+    policy = compile_policy(documents, default_action=loaded.config.default_action)
+    bundle: TrustBundle | None = None
+    bundle_error: str | None = None
+    if snapshot.trust_bundle_raw is None:
+        bundle_error = "no trust bundle in Consul KV (run 'meshctl ca init')"
+    else:
+        try:
+            bundle = TrustBundle.from_json(snapshot.trust_bundle_raw)
+        except TrustBundleError as exc:
+            bundle_error = str(exc)
+    return DataPlaneView(
+        snapshot=snapshot,
+        mesh=loaded.config,
+        mesh_error=None if loaded.error is None else str(loaded.error),
+        policy=policy,
+        bundle=bundle,
+        bundle_error=bundle_error,
+    )
+
+
+class ViewCache:
+    """Rebuilds the view only when the snapshot version changes."""
+
+    def __init__(self, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self._prefix = prefix
+        self._view: DataPlaneView | None = None
+
+    def view_for(self, snapshot: Snapshot) -> DataPlaneView:
+        """The view of *snapshot* (cached by version)."""
+        if self._view is None or self._view.snapshot is not snapshot:
+            self._view = build_view(snapshot, prefix=self._prefix)
+        return self._view

@@ -1,0 +1,108 @@
+"""The data-plane view: one snapshot parsed and compiled, failing closed on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meshd.balancer import RoundRobin
+from meshd.dataplane import ViewCache, build_view
+from meshd.intentions import Action, IntentionsDocument, SourceIntention, render_document
+from meshd.meshconfig import MeshConfig, MTLSMode, OutboundPolicy, render_mesh_config
+from meshd.snapshot import LocalService, make_snapshot
+from tests.plugins.pki import MeshCa
+
+
+def intentions(destination: str, **sources: str) -> bytes:
+    return render_document(
+        IntentionsDocument(
+            name=destination,
+            sources=tuple(SourceIntention(n, action=Action(a)) for n, a in sorted(sources.items())),
+        )
+    )
+
+
+def snapshot(*, mesh: bytes | None = None, bundle: bytes | None = None, **docs: bytes):
+    return make_snapshot(
+        version=3,
+        created_at=1.0,
+        local_services=(
+            LocalService("web", "web-1", 8080, upstreams=("api",)),
+            LocalService("admin", "admin-1", 8081, upstreams=("api", "db")),
+        ),
+        mesh_config_raw=mesh,
+        intentions_raw=docs,
+        trust_bundle_raw=bundle,
+    )
+
+
+def test_view_compiles_intentions_with_the_mesh_default(mesh_ca: MeshCa) -> None:
+    mesh = render_mesh_config(MeshConfig(default_action=Action.ALLOW))
+    view = build_view(
+        snapshot(mesh=mesh, bundle=mesh_ca.bundle.to_json(), api=intentions("api", web="deny"))
+    )
+    assert view.bundle is not None and view.bundle_error is None
+    assert view.mesh.default_action == Action.ALLOW and view.mesh_error is None
+    assert not view.authorize("web", "api").allowed
+    assert view.authorize("admin", "api").allowed  # falls to the default: allow
+    assert view.authorize("web", "db").allowed
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{", b"[]", json.dumps({"Kind": "mesh", "Version": 99}).encode(), b"\xff\xfe"],
+    ids=["truncated", "not-an-object", "unknown-version", "not-utf8"],
+)
+def test_invalid_mesh_config_fails_closed(raw: bytes) -> None:
+    view = build_view(snapshot(mesh=raw))
+    assert view.mesh_error is not None
+    assert view.mesh.mtls_mode == MTLSMode.STRICT
+    assert view.mesh.default_action == Action.DENY
+    assert view.mesh.outbound_policy == OutboundPolicy.REGISTRY_ONLY
+    assert not view.authorize("web", "api").allowed
+
+
+def test_missing_or_invalid_bundle_leaves_nothing_verifiable() -> None:
+    assert build_view(snapshot()).bundle is None
+    assert "meshctl ca init" in (build_view(snapshot()).bundle_error or "")
+    broken = build_view(snapshot(bundle=b'{"version": 1}'))
+    assert broken.bundle is None and broken.bundle_error
+
+
+def test_invalid_intentions_document_denies_only_its_destination(mesh_ca: MeshCa) -> None:
+    mesh = render_mesh_config(MeshConfig(default_action=Action.ALLOW))
+    view = build_view(snapshot(mesh=mesh, api=b"{not json", db=intentions("db", web="allow")))
+    assert not view.authorize("web", "api").allowed
+    assert view.authorize("web", "db").allowed
+    assert [d.destination for d in view.policy.invalid] == ["api"]
+
+
+def test_source_identity_must_be_unambiguous() -> None:
+    view = build_view(snapshot())
+    assert view.source_identity("db") == LocalService(
+        "admin", "admin-1", 8081, upstreams=("api", "db")
+    )
+    assert view.source_identity("api") is None  # two local services declare api
+    assert view.source_identity("elsewhere") is None
+    single = make_snapshot(
+        version=1, created_at=0, local_services=(LocalService("web", "web-1", 8080),)
+    )
+    assert build_view(single).source_identity("anything").name == "web"
+
+
+def test_view_cache_rebuilds_only_for_a_new_snapshot() -> None:
+    cache = ViewCache()
+    first = snapshot()
+    assert cache.view_for(first) is cache.view_for(first)
+    assert cache.view_for(snapshot()) is not cache.view_for(first)
+
+
+def test_round_robin_rotates_and_orders_retries() -> None:
+    rr = RoundRobin()
+    endpoints = ("a", "b", "c")
+    picks = [rr.attempt_order("api", endpoints) for _ in range(4)]
+    assert picks == [("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b"), ("a", "b", "c")]
+    assert rr.attempt_order("db", endpoints, max_attempts=2) == ("a", "b")  # own rotation
+    assert rr.attempt_order("api", ()) == ()
+    assert rr.statistics().picks == (("api", 4), ("db", 1))
