@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import click
 
+from cli.ca import ca as ca_cli
+from cli.config_cmd import config as config_cli
+from cli.intention import intention as intention_cli
+from cli.token import token_cli
 from meshd import __version__
 from meshd.console import run_cli
 
@@ -16,6 +20,12 @@ from meshd.console import run_cli
 @click.version_option(__version__, prog_name="meshctl")
 def meshctl() -> None:
     """Operate a meshd service mesh: CA, tokens, intentions, mesh config."""
+
+
+meshctl.add_command(token_cli)
+meshctl.add_command(intention_cli)
+meshctl.add_command(config_cli)
+meshctl.add_command(ca_cli)
 
 
 def main() -> None:

@@ -226,7 +226,8 @@ def peer_chain_der(tls: ssl.SSLObject | ssl.SSLSocket | trio.SSLStream[Any]) -> 
     if getter is None:
         getter = getattr(getattr(obj, "_sslobj", None), "get_unverified_chain", None)
     if getter is not None:
-        chain = getter() or []
+        # A peer that sent no certificate yields None or [None], depending on the version.
+        chain = [c for c in (getter() or []) if c is not None]
         return tuple(c if isinstance(c, bytes) else c.public_bytes(_ENCODING_DER) for c in chain)
     leaf = obj.getpeercert(binary_form=True)
     return () if leaf is None else (leaf,)

@@ -15,7 +15,7 @@ from agent.accesslog import JsonLog
 from agent.admin import AdminSources, route, serve_admin
 from agent.listener import inherited_sockets, open_listener, serve_accept_loop
 from agent.metrics import AgentMetrics
-from agent.sdnotify import notify, watchdog_interval_s
+from meshd.sdnotify import notify, watchdog_interval_s
 
 
 def sources(*, ready: bool = True, snap: bytes | None = b'{"version": 1}') -> AdminSources:

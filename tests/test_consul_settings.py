@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,25 @@ def test_settings_are_frozen() -> None:
     settings = ConsulSettings()
     with pytest.raises(AttributeError):
         settings.address = "http://10.0.0.1:8500"  # type: ignore[misc]
+
+
+def test_from_config_reads_a_private_token_file_and_overrides_the_environment(
+    tmp_path, monkeypatch
+) -> None:
+    from meshd.config import ConfigError, ConsulConfig
+
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "127.0.0.9:1")
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "from-env")
+    token_file = tmp_path / "consul.token"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"s3cr3t-token\n")
+    os.close(fd)
+    cfg = ConsulConfig(address="http://127.0.0.1:8500", token_file=token_file)
+    settings = ConsulSettings.from_config(cfg, file="agent.toml")
+    assert (settings.address, settings.token) == ("http://127.0.0.1:8500", "s3cr3t-token")
+    assert "s3cr3t" not in repr(settings)
+    no_file = ConsulSettings.from_config(ConsulConfig(address="http://127.0.0.1:8500"), file="f")
+    assert no_file.token == "from-env"
+    token_file.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"agent.toml: consul.token_file: .*group"):
+        ConsulSettings.from_config(cfg, file="agent.toml")

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from meshd.config import ConfigError, ConsulConfig
 from meshd.consul.errors import ConsulSettingsError
+from meshd.keyfile import KeyFileError, read_secret
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8500"
 # Consul's documented default ports when an address names none.
@@ -70,6 +72,36 @@ class ConsulSettings:
     def scheme(self) -> str:
         """``http`` or ``https``."""
         return self.address.split("://", 1)[0]
+
+    @classmethod
+    def from_config(cls, config: ConsulConfig, *, file: str) -> ConsulSettings:
+        """The consul CLI's environment, overridden by a ``[consul]`` config section.
+
+        The token comes from ``token_file``, which must be readable by its owner only.
+
+        Args:
+            config: the validated ``[consul]`` section.
+            file: the config file it came from, named in errors.
+
+        Raises:
+            ConfigError: the token file is missing, too open, or empty (never the token).
+            ConsulSettingsError: a ``CONSUL_*`` environment variable is malformed.
+        """
+        settings = cls.from_env()
+        token = settings.token
+        if config.token_file is not None:
+            try:
+                token = read_secret(config.token_file).decode("utf-8", "replace").strip()
+            except KeyFileError as exc:
+                raise ConfigError(file, "consul.token_file", str(exc)) from None
+            if not token:
+                raise ConfigError(file, "consul.token_file", f"{config.token_file} is empty")
+        return replace(
+            settings,
+            address=normalise_address(config.address, f"{file}: consul.address"),
+            ca_file=config.ca_file or settings.ca_file,
+            token=token,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ConsulSettings:

@@ -1,0 +1,275 @@
+"""Bootstrap tokens: what entitles a host to the first certificate of each of its services.
+
+A token is ``mtk_<id>.<secret>``. The id is public (it names the record, shows in
+``meshctl token list`` and in logs); the secret is 32 random bytes that only the host's
+0600 token file holds. Consul KV stores, under ``meshd/tokens/<id>``, a :class:`TokenRecord`
+with a salted SHA-256 of the secret, never the secret itself: with 256 bits of entropy a
+slow hash buys nothing, and the per-token salt keeps two records from ever being compared.
+
+Every token is scoped to one host and a set of services, expires, can be revoked, and is
+good for one issuance per service: the server marks a service consumed with a
+check-and-set write *before* it signs, so a replayed (or raced) token is refused.
+Everything here is pure; the server does the KV reads and writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from meshd.errors import MeshdError
+from meshd.identity import check_label
+
+TOKEN_PREFIX = "mtk_"  # noqa: S105 - a format marker, not a secret
+KV_PREFIX = "meshd/"  # the default [consul] kv_prefix; records live under <prefix>tokens/
+RECORD_VERSION = 1
+ID_BYTES = 8
+SECRET_BYTES = 32
+SALT_BYTES = 16
+_TOKEN = re.compile(r"mtk_([a-f0-9]{16})\.([A-Za-z0-9_-]{43})")
+_ID = re.compile(r"[a-f0-9]{16}")
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?")
+
+
+class TokenError(MeshdError):
+    """A token or token record is malformed (the message never contains the secret)."""
+
+
+@dataclass(frozen=True)
+class BootstrapToken:
+    """A token as the operator hands it to a host. ``str``/``repr`` never show the secret."""
+
+    token_id: str
+    secret: str = field(repr=False)
+
+    def reveal(self) -> str:
+        """The full ``mtk_<id>.<secret>``: only to write the token file or print it once."""
+        return f"{TOKEN_PREFIX}{self.token_id}.{self.secret}"
+
+    def __str__(self) -> str:
+        return f"{TOKEN_PREFIX}{self.token_id}.<redacted>"
+
+
+def parse_token(text: str) -> BootstrapToken:
+    """Parse a token as read from a token file (surrounding whitespace ignored).
+
+    Raises:
+        TokenError: not of the form ``mtk_<16 hex>.<43 url-safe base64>``.
+    """
+    match = _TOKEN.fullmatch(text.strip())
+    if match is None:
+        raise TokenError("bootstrap token is malformed: expected mtk_<id>.<secret>")
+    return BootstrapToken(token_id=match.group(1), secret=match.group(2))
+
+
+def token_key(token_id: str, kv_prefix: str = KV_PREFIX) -> str:
+    """The Consul KV key of a token record: ``<kv_prefix>tokens/<id>``.
+
+    Raises:
+        TokenError: the id is not 16 lower-case hex digits (so it cannot escape the folder).
+    """
+    if not _ID.fullmatch(token_id):
+        raise TokenError(f"token id {token_id!r} is not 16 lower-case hex digits")
+    return f"{tokens_folder(kv_prefix)}{token_id}"
+
+
+def tokens_folder(kv_prefix: str = KV_PREFIX) -> str:
+    """The KV folder holding every token record."""
+    return f"{kv_prefix.rstrip('/')}/tokens/"
+
+
+def _digest(salt: bytes, secret: str) -> bytes:
+    return hashlib.sha256(salt + secret.encode("ascii")).digest()
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """What Consul KV stores about a token: scope, validity and a salted hash of the secret.
+
+    Attributes:
+        token_id: the public id.
+        host: the node name the token is for.
+        services: the services it may obtain a first certificate for.
+        created: Unix time of creation.
+        expires: Unix time after which it is refused.
+        salt: per-token random salt.
+        digest: SHA-256(salt + secret).
+        consumed: services already issued with this token (each is good once).
+        revoked: set by ``meshctl token revoke``.
+    """
+
+    token_id: str
+    host: str
+    services: frozenset[str]
+    created: float
+    expires: float
+    salt: bytes = field(repr=False)
+    digest: bytes = field(repr=False)
+    consumed: frozenset[str] = frozenset()
+    revoked: bool = False
+
+    def __post_init__(self) -> None:
+        token_key(self.token_id)
+        if not _HOST.fullmatch(self.host):
+            raise TokenError(f"token {self.token_id}: host {self.host!r} is not a node name")
+        if not self.services:
+            raise TokenError(f"token {self.token_id}: names no service")
+        for service in self.services | self.consumed:
+            check_label(service, "service")
+        if not self.consumed <= self.services:
+            raise TokenError(f"token {self.token_id}: consumed services outside its scope")
+        if not self.expires > self.created:
+            raise TokenError(f"token {self.token_id}: expires before it is created")
+
+    def matches(self, secret: str) -> bool:
+        """Whether *secret* is this token's secret (constant-time comparison)."""
+        return hmac.compare_digest(_digest(self.salt, secret), self.digest)
+
+    def consume(self, service: str) -> TokenRecord:
+        """The record after issuing *service* once."""
+        return replace(self, consumed=self.consumed | {service})
+
+    def revoke(self) -> TokenRecord:
+        """The record after revocation."""
+        return replace(self, revoked=True)
+
+    def to_json(self) -> bytes:
+        """Serialise for Consul KV (versioned; contains the hash, never the secret)."""
+        doc: dict[str, Any] = {
+            "version": RECORD_VERSION,
+            "id": self.token_id,
+            "host": self.host,
+            "services": sorted(self.services),
+            "created": self.created,
+            "expires": self.expires,
+            "salt": self.salt.hex(),
+            "sha256": self.digest.hex(),
+            "consumed": sorted(self.consumed),
+            "revoked": self.revoked,
+        }
+        return json.dumps(doc, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> TokenRecord:
+        """Parse a record written by :meth:`to_json`.
+
+        Raises:
+            TokenError: not JSON, an unknown version, or a field of the wrong shape.
+        """
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION:
+                raise TokenError(f"token record: expected version {RECORD_VERSION}")
+            return cls(
+                token_id=_typed(doc, "id", str),
+                host=_typed(doc, "host", str),
+                services=frozenset(_strings(doc, "services")),
+                created=float(_typed(doc, "created", (int, float))),
+                expires=float(_typed(doc, "expires", (int, float))),
+                salt=bytes.fromhex(_typed(doc, "salt", str)),
+                digest=bytes.fromhex(_typed(doc, "sha256", str)),
+                consumed=frozenset(_strings(doc, "consumed")),
+                revoked=_typed(doc, "revoked", bool),
+            )
+        except (ValueError, MeshdError) as exc:
+            raise TokenError(f"token record is invalid: {exc}") from exc
+
+
+def _typed(doc: dict[str, Any], name: str, kind: Any) -> Any:
+    value = doc.get(name)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise TokenError(f"token record: field {name!r} has the wrong type")
+    return value
+
+
+def _strings(doc: dict[str, Any], name: str) -> list[str]:
+    value = _typed(doc, name, list)
+    if not all(isinstance(item, str) for item in value):
+        raise TokenError(f"token record: field {name!r} must be a list of strings")
+    return list(value)
+
+
+def new_token(
+    *, host: str, services: Iterable[str], now: float, ttl_s: float
+) -> tuple[BootstrapToken, TokenRecord]:
+    """Create a token and the record to store for it.
+
+    Args:
+        host: the node name the token is for.
+        services: the services it may obtain a first certificate for (at least one).
+        now: Unix time of creation.
+        ttl_s: seconds until it expires (> 0).
+
+    Returns:
+        ``(token, record)``: show the token once, store the record.
+
+    Raises:
+        TokenError: bad host, no or bad services, non-positive TTL.
+    """
+    if not ttl_s > 0:
+        raise TokenError(f"token TTL must be > 0 seconds, got {ttl_s!r}")
+    token = BootstrapToken(
+        token_id=secrets.token_hex(ID_BYTES), secret=secrets.token_urlsafe(SECRET_BYTES)
+    )
+    salt = secrets.token_bytes(SALT_BYTES)
+    record = TokenRecord(
+        token_id=token.token_id,
+        host=host,
+        services=frozenset(services),
+        created=now,
+        expires=now + ttl_s,
+        salt=salt,
+        digest=_digest(salt, token.secret),
+    )
+    return token, record
+
+
+@dataclass(frozen=True)
+class TokenDecision:
+    """The outcome of :func:`authorize_csr_by_token`; ``reason`` is safe to log and answer."""
+
+    allowed: bool
+    reason: str
+
+
+def authorize_csr_by_token(
+    record: TokenRecord, presented_secret: str, host: str, service: str, now: float
+) -> TokenDecision:
+    """Decide whether a token entitles *host* to a first certificate for *service*.
+
+    Args:
+        record: the stored record for the presented token's id.
+        presented_secret: the secret part the caller sent.
+        host: the host the caller claims to be.
+        service: the service the CSR is for.
+        now: Unix time of the decision.
+
+    Returns:
+        Allowed, or refused with the first reason that applies (bad secret, revoked,
+        expired, wrong host, service out of scope, already consumed for the service).
+    """
+    checks = (
+        (not record.matches(presented_secret), "token secret does not match"),
+        (record.revoked, f"token {record.token_id} is revoked"),
+        (now >= record.expires, f"token {record.token_id} has expired"),
+        (now < record.created, f"token {record.token_id} is not valid yet"),
+        (host != record.host, f"token {record.token_id} is not for host {host!r}"),
+        (
+            service not in record.services,
+            f"token {record.token_id} does not cover service {service!r}",
+        ),
+        (
+            service in record.consumed,
+            f"token {record.token_id} was already used for service {service!r}",
+        ),
+    )
+    for failed, reason in checks:
+        if failed:
+            return TokenDecision(allowed=False, reason=reason)
+    return TokenDecision(allowed=True, reason=f"token {record.token_id} entitles {host}/{service}")

@@ -1,0 +1,241 @@
+"""A small HTTPS server: h11 over ``trio.SSLStream``, one request per connection.
+
+Control-plane traffic is a few requests per host per day, so simplicity wins over
+throughput: every connection does one TLS handshake (client certificate optional), reads one
+request within a deadline and with bounded header and body sizes, answers with
+``Connection: close`` and closes. The handler sees a frozen :class:`HttpRequest` and the
+client's address and presented certificate chain; it never touches a socket.
+
+The TLS context is fetched per connection from a callable, so the server's own certificate
+can be renewed (and the trust bundle rotated) without restarting the listener.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import h11
+import trio
+
+from meshd.peer import peer_chain_der
+from meshd.signapi import MAX_BODY_BYTES, error_body
+
+MAX_HEADER_BYTES = 16 * 1024
+HANDSHAKE_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 256
+_RECEIVE_BYTES = 16 * 1024
+log = logging.getLogger("meshd.server.http")
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One request; header names lower-case (the last value wins for repeated ones)."""
+
+    method: str
+    target: str
+    headers: Mapping[str, str] = field(repr=False)  # may hold an Authorization secret
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """One response."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """Who sent the request: the TCP peer address and its TLS certificate chain (DER)."""
+
+    address: str
+    chain_der: tuple[bytes, ...]
+
+
+Handler = Callable[[HttpRequest, ClientInfo], Awaitable[HttpResponse]]
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class HttpsStatistics:
+    """Connection counters of an :class:`HttpsServer`."""
+
+    open_connections: int
+    accepted: int
+    refused_over_limit: int
+    failed_handshakes: int
+
+
+class HttpsServer:
+    """Serves HTTPS with at most ``max_connections`` connections at once.
+
+    A connection beyond the limit is closed at once: the handshake and request deadlines
+    bound how long each one lasts, the limit bounds how many a flood can hold open.
+    """
+
+    def __init__(
+        self,
+        context: Callable[[], ssl.SSLContext],
+        handler: Handler,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self._context = context
+        self._handler = handler
+        self._limit = trio.CapacityLimiter(max_connections)
+        self._accepted = 0
+        self._refused = 0
+        self._failed_handshakes = 0
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve on *listeners* forever (trio's accept loop survives EMFILE/ENFILE)."""
+        await trio.serve_listeners(self._connection, listeners, task_status=task_status)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            self._limit.acquire_nowait()
+        except trio.WouldBlock:
+            self._refused += 1
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            self._accepted += 1
+            if not await _serve_connection(stream, self._context(), self._handler):
+                self._failed_handshakes += 1
+        finally:
+            self._limit.release()
+
+    def statistics(self) -> HttpsStatistics:
+        """Open connections and counters."""
+        return HttpsStatistics(
+            open_connections=int(self._limit.borrowed_tokens),
+            accepted=self._accepted,
+            refused_over_limit=self._refused,
+            failed_handshakes=self._failed_handshakes,
+        )
+
+
+def _peer_address(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "unknown"
+
+
+async def _serve_connection(
+    stream: trio.SocketStream, context: ssl.SSLContext, handler: Handler
+) -> bool:
+    """Serve one connection; False if the TLS handshake failed or timed out."""
+    address = _peer_address(stream)
+    tls = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+    client: ClientInfo | None = None
+    try:
+        with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as scope:
+            await tls.do_handshake()
+        if scope.cancelled_caught:
+            return False
+        client = ClientInfo(address, _client_chain(tls))
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        with trio.move_on_after(REQUEST_TIMEOUT_S):
+            try:
+                request = await _read_request(tls, conn)
+            except _BadRequest as exc:
+                response = HttpResponse(exc.status, error_body(str(exc)))
+            else:
+                response = await _answer(handler, request, client)
+            await _send_response(tls, conn, response)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+        # The client went away or failed the handshake: nothing to answer.
+        return client is not None
+    else:
+        return True
+    finally:
+        await trio.aclose_forcefully(tls)
+
+
+def _client_chain(tls: trio.SSLStream[trio.SocketStream]) -> tuple[bytes, ...]:
+    if tls.getpeercert(binary_form=True) is None:
+        return ()  # no client certificate (peer_chain_der would see [None] here)
+    return peer_chain_der(tls)
+
+
+async def _answer(handler: Handler, request: HttpRequest, client: ClientInfo) -> HttpResponse:
+    try:
+        return await handler(request, client)
+    except Exception:
+        # A bug answering one request must not take the CA down for every host: log it
+        # with its traceback (the request's headers and body are not in it) and answer 500.
+        log.exception("internal error answering %s %s", request.method, request.target[:100])
+        return HttpResponse(500, error_body("internal error; see the meshd log"))
+
+
+async def _read_request(
+    tls: trio.SSLStream[trio.SocketStream], conn: h11.Connection
+) -> HttpRequest:
+    head: h11.Request | None = None
+    body = bytearray()
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _BadRequest(exc.error_status_hint, "malformed HTTP request") from None
+        if event is h11.NEED_DATA:
+            data = bytes(await tls.receive_some(_RECEIVE_BYTES))
+            conn.receive_data(data)
+            if not data and conn.their_state is not h11.DONE:
+                raise trio.BrokenResourceError("client closed before finishing its request")
+        elif isinstance(event, h11.Request):
+            head = event
+            _check_length(event)
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY_BYTES:
+                raise _BadRequest(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+        elif isinstance(event, h11.EndOfMessage) and head is not None:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
+            return HttpRequest(
+                method=head.method.decode("ascii"),
+                target=head.target.decode("ascii", "replace"),
+                headers=MappingProxyType(headers),
+                body=bytes(body),
+            )
+        else:
+            raise trio.BrokenResourceError("connection closed")
+
+
+def _check_length(request: h11.Request) -> None:
+    for name, value in request.headers:
+        if name.lower() == b"content-length" and int(value) > MAX_BODY_BYTES:
+            raise _BadRequest(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+
+
+async def _send_response(
+    tls: trio.SSLStream[trio.SocketStream], conn: h11.Connection, response: HttpResponse
+) -> None:
+    headers = [
+        ("content-type", response.content_type),
+        ("content-length", str(len(response.body))),
+        ("connection", "close"),
+        ("cache-control", "no-store"),
+    ]
+    out = conn.send(h11.Response(status_code=response.status, headers=headers))
+    out = (out or b"") + (conn.send(h11.Data(data=response.body)) or b"")
+    out += conn.send(h11.EndOfMessage()) or b""
+    await tls.send_all(out)

@@ -1,0 +1,135 @@
+"""The operator-facing commands: ``meshctl token`` and ``meshd serve`` (a real process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from click.testing import CliRunner
+
+from cli.ca import ca as ca_cli
+from cli.token import token_cli
+from meshd.bootstrap import TokenRecord, parse_token, token_key
+from meshd.consul.client import open_consul
+
+pytestmark = pytest.mark.consul
+TD = "33333333-4444-5555-6666-777777777777.consul"
+
+
+def _invoke(group, env, *args: str) -> str:
+    result = CliRunner().invoke(group, list(args), env=env)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.output
+
+
+async def test_token_create_list_revoke(consul_agent, consul_settings, consul_kv_prefix,
+                                        tmp_path: Path) -> None:  # fmt: skip
+    env = consul_agent.env()
+    prefix = ("--kv-prefix", consul_kv_prefix)
+    out = tmp_path / "web-1.token"
+    old_umask = os.umask(0)  # the file must be 0600 by construction, not by umask
+    try:
+        await trio.to_thread.run_sync(
+            lambda: _invoke(token_cli, env, "create", "--host", "web-1", "--service", "web",
+                            "--service", "api", "--ttl", "30m", "--output", str(out), *prefix)
+        )  # fmt: skip
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    token = parse_token(out.read_text())
+    async with open_consul(consul_settings) as consul:
+        _, entry = await consul.kv_get(token_key(token.token_id, consul_kv_prefix))
+        assert entry is not None and token.secret.encode() not in entry.value
+        record = TokenRecord.from_json(entry.value)
+        assert record.services == {"web", "api"} and record.host == "web-1"
+        assert 1790 <= record.expires - record.created <= 1800
+    listed = await trio.to_thread.run_sync(
+        lambda: _invoke(token_cli, env, "list", "--format", "json", *prefix)
+    )
+    (row,) = json.loads(listed)
+    assert row["id"] == token.token_id and row["state"] == "valid"
+    assert token.secret not in listed
+    await trio.to_thread.run_sync(
+        lambda: _invoke(token_cli, env, "revoke", token.token_id, *prefix)
+    )
+    listed = await trio.to_thread.run_sync(lambda: _invoke(token_cli, env, "list", *prefix))
+    assert "revoked" in listed and token.secret not in listed
+    # Printed once to stdout when no --output is given; refused to overwrite a file.
+    printed = await trio.to_thread.run_sync(
+        lambda: _invoke(token_cli, env, "create", "--host", "h", "--service", "web", *prefix)
+    )
+    assert parse_token(printed.strip().splitlines()[0]).token_id != token.token_id
+    again = CliRunner().invoke(token_cli, ["create", "--host", "h", "--service", "web",
+                                           "--output", str(out), *prefix], env=env)  # fmt: skip
+    assert again.exit_code != 0 and out.read_text().strip() == token.reveal()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_meshd_serve_process_notifies_systemd_and_answers(
+    consul_agent, consul_kv_prefix, tmp_path: Path
+) -> None:
+    env = {**os.environ, **consul_agent.env()}
+    ca_dir = tmp_path / "ca"
+    _invoke(ca_cli, consul_agent.env(), "init", "--dir", str(ca_dir), "--trust-domain", TD,
+            "--kv-prefix", consul_kv_prefix)  # fmt: skip
+    token_file = tmp_path / "consul.token"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # secrets are 0600
+    os.write(fd, consul_agent.token.encode())
+    os.close(fd)
+    port = _free_port()
+    config = tmp_path / "meshd.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\nname = "clitest"\n'
+        f'[ca]\ndir = "{ca_dir}"\n'
+        f'[consul]\naddress = "{consul_agent.http_address}"\ntoken_file = "{token_file}"\n'
+        f'kv_prefix = "{consul_kv_prefix}"\n'
+    )
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(20)
+        env.pop("CONSUL_HTTP_TOKEN")  # meshd must use its token_file, not the environment
+        env["NOTIFY_SOCKET"] = str(notify_path)
+        cmd = [sys.executable, "-c", "from meshd.server.main import main; main()",
+               "serve", "--config", str(config)]  # fmt: skip
+        process = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        try:
+            assert notify.recv(64) == b"READY=1"
+            ca_pem = (ca_dir / "root-ca.pem").read_bytes().decode()
+            ctx = ssl.create_default_context(cadata=ca_pem)
+            ctx.check_hostname = False
+            answer = httpx.get(f"https://127.0.0.1:{port}/v1/health", verify=ctx, trust_env=False)
+            assert answer.json() == {"status": "ok"}
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:  # registered in Consul, with its TCP check
+                health = httpx.get(f"{consul_agent.http_address}/v1/health/service/meshd",
+                                   headers={"X-Consul-Token": consul_agent.token})  # fmt: skip
+                if any(e["Service"]["ID"] == "meshd-clitest" for e in health.json()):
+                    break
+                time.sleep(0.2)
+            else:
+                pytest.fail("meshd did not register itself in Consul")
+        finally:
+            process.terminate()
+            _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0, stderr
+    health = httpx.get(f"{consul_agent.http_address}/v1/agent/services",
+                       headers={"X-Consul-Token": consul_agent.token})  # fmt: skip
+    assert "meshd-clitest" not in health.json()  # deregistered on SIGTERM
+    assert consul_agent.token.encode() not in stderr
+    assert b"BEGIN" not in stderr
