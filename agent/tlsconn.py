@@ -1,0 +1,358 @@
+"""Mutual-TLS connections for the byte pump, driven directly on trio's I/O readiness.
+
+Design note (see docs/adr/003-fast-tls-pump.md for measurements):
+
+* ``ssl.SSLObject`` over two ``MemoryBIO``\\ s, with the raw socket read and written by us in
+  non-blocking mode. We try the syscall first and only park on
+  ``trio.lowlevel.wait_readable``/``wait_writable`` when it would block, so a chunk costs a few
+  C calls and no scheduler round trip. ``trio.SSLStream``'s retry loop, conflict detectors and
+  per-call checkpoints are gone.
+* Why not ``ssl.SSLSocket`` (OpenSSL reading the fd itself, no BIO copy)? Because half-close
+  cannot be done with it on Python 3.11: ``SSLSocket.unwrap()`` calls ``SSL_shutdown`` twice and
+  the second call reads the socket; application data already in flight from the peer then
+  fails the connection with ``APPLICATION_DATA_AFTER_CLOSE_NOTIFY``. With BIOs we decide what
+  the second call can see: nothing (undelivered records are decrypted into a stash first).
+* Half-close: ``send_eof()`` sends ``close_notify`` and keeps the read side open; the peer's
+  ``close_notify`` reads as EOF (0). A TCP EOF without ``close_notify`` is a truncation and is
+  reported as ``ConnectionResetError``, so an abortive close stays abortive across the mesh.
+* One task may read while another writes (the pump's two directions). The raw socket's read
+  side and write side each have a :class:`_Turn` so that rare cross-direction needs (a write
+  that wants to read, a read that must flush a post-handshake reply) never wait twice on one fd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import struct
+from typing import cast
+
+import trio
+
+from meshd.errors import MeshdError
+
+_RAW_BUFFER = 65536
+# SO_LINGER on, timeout 0: close() sends RST instead of FIN.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class TLSHandshakeError(MeshdError):
+    """The TLS handshake failed, timed out or the peer went away during it."""
+
+
+class _Turn:
+    """Lets one task at a time use one side of a socket; free use costs no checkpoint."""
+
+    __slots__ = ("_ended", "busy")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self._ended: trio.Event | None = None
+
+    async def wait_until_free(self) -> None:
+        """Wait until the task holding the turn releases it."""
+        if self._ended is None:
+            self._ended = trio.Event()
+        await self._ended.wait()
+
+    def release(self) -> None:
+        """End the current turn and wake any waiters."""
+        self.busy = False
+        if self._ended is not None:
+            self._ended.set()
+            self._ended = None
+
+
+def abort_socket(sock: socket.socket) -> None:
+    """Close ``sock`` with a TCP RST (best effort) and tell trio the fd is going away."""
+    if sock.fileno() < 0:
+        return
+    with contextlib.suppress(OSError):  # already dead: close() below is all we can do
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Close ``sock`` normally (FIN) and tell trio the fd is going away."""
+    if sock.fileno() < 0:
+        return
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
+
+
+class TLSConnection:
+    """A TLS session over a non-blocking socket, with the pump's connection interface.
+
+    Create it with :func:`handshake`. Methods are not safe for two tasks reading at once or two
+    tasks writing at once; one reader plus one writer is the supported (pump) pattern.
+    """
+
+    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO) -> None:  # fmt: skip
+        self._raw = sock
+        self._obj = obj
+        self._in = incoming
+        self._out = outgoing
+        self._rbuf = memoryview(bytearray(_RAW_BUFFER))
+        self._rx = _Turn()
+        self._tx = _Turn()
+        # The last socket read came back short: the kernel buffer was empty, so the next read
+        # waits for readiness first instead of paying for an EAGAIN round.
+        self._raw_drained = False
+        self._eof_sent = False
+        # Plaintext decrypted early by send_eof() and the error/EOF that ended it, if any.
+        self._stash = bytearray()
+        self._stash_end: BaseException | None = None
+
+    def fileno(self) -> int:
+        """The raw socket's file descriptor."""
+        return self._raw.fileno()
+
+    def peer_chain_der(self) -> tuple[bytes, ...]:
+        """The peer's certificates as DER, leaf first.
+
+        On Python 3.11 only the leaf is available; the context's ``CERT_REQUIRED`` has already
+        verified it chains to the trust bundle. On 3.13+ the whole verified chain is returned.
+        """
+        chain_getter = getattr(self._obj, "get_verified_chain", None)
+        if chain_getter is not None:  # Python >= 3.13
+            return tuple(bytes(c) for c in chain_getter())
+        leaf = self._obj.getpeercert(binary_form=True)
+        return (leaf,) if leaf else ()
+
+    def version(self) -> str | None:
+        """The negotiated protocol version, e.g. ``"TLSv1.3"``."""
+        return self._obj.version()
+
+    async def recv_into(self, buf: memoryview) -> int:
+        """Read decrypted bytes into ``buf``; return how many, 0 at the peer's ``close_notify``.
+
+        Raises:
+            ConnectionResetError: the peer closed TCP without ``close_notify`` or reset it.
+            ssl.SSLError: the peer sent something that is not valid TLS for this session.
+        """
+        if self._stash or self._stash_end is not None:
+            return self._take_stash(buf)
+        while True:
+            if not (self._in.pending or self._in.eof or self._obj.pending()):
+                # SSL_read could only say SSLWantReadError, whose creation costs ~3 µs.
+                await self._fill()
+            try:
+                # typeshed: bytearray -> bytes; really any writable buffer, returning a count.
+                n = cast(int, self._obj.read(len(buf), buf))  # type: ignore[arg-type]
+            except ssl.SSLWantReadError:
+                continue  # part of a record: fill again
+            except ssl.SSLZeroReturnError:
+                return 0  # close_notify after our own: CPython raises instead of returning 0
+            except ssl.SSLEOFError as exc:
+                raise ConnectionResetError("TLS peer closed without close_notify") from exc
+            if self._out.pending:
+                await self._flush()  # post-handshake replies (e.g. a TLS 1.3 KeyUpdate)
+            return n
+
+    async def send_all(self, data: memoryview | bytes) -> None:
+        """Encrypt and send all of ``data``, waiting while the socket is full."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = self._obj.write(view)
+            except ssl.SSLWantReadError:
+                # Not in TLS 1.3 with renegotiation off, but let the reader make progress.
+                await self._flush()
+                await self._fill()
+                continue
+            view = view[n:]
+            await self._flush()
+
+    async def send_eof(self) -> None:
+        """Half-close: send ``close_notify``; reading continues until the peer's arrives.
+
+        Idempotent. ``SSL_shutdown`` is called twice by CPython and the second call reads; any
+        record it could see is decrypted into a stash first, so no data is lost or rejected.
+        """
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        self._stash_undelivered()
+        # close_notify is queued by the first SSL_shutdown; only reading the peer's can fail.
+        with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLEOFError):
+            self._obj.unwrap()
+        await self._flush()
+
+    def close(self) -> None:
+        """Close the socket (FIN). Call :meth:`send_eof` first for a clean TLS close."""
+        close_socket(self._raw)
+
+    def abort(self) -> None:
+        """Close the socket with a TCP RST."""
+        abort_socket(self._raw)
+
+    async def handshake(self, timeout: float) -> None:
+        """Run the TLS handshake to completion; see the module-level :func:`handshake`."""
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    self._obj.do_handshake()
+                except ssl.SSLWantReadError:
+                    await self._flush()
+                    await self._fill()
+                    continue
+                await self._flush()  # our Finished / the server's session tickets
+                return
+
+    def _take_stash(self, buf: memoryview) -> int:
+        n = min(len(buf), len(self._stash))
+        if n:
+            buf[:n] = self._stash[:n]
+            del self._stash[:n]
+            return n
+        end, self._stash_end = self._stash_end, None
+        if isinstance(end, EOFError):
+            self._stash_end = end  # stays at EOF
+            return 0
+        assert end is not None
+        raise end
+
+    def _stash_undelivered(self) -> None:
+        """Decrypt every record already received so ``SSL_shutdown`` cannot read one."""
+        while self._stash_end is None and (self._in.pending or self._obj.pending()):
+            try:
+                data = self._obj.read(_RAW_BUFFER)
+            except ssl.SSLWantReadError:
+                return  # only part of a record is left; shutdown's read will want more
+            except ssl.SSLZeroReturnError:
+                data = b""
+            except ssl.SSLEOFError as exc:
+                self._stash_end = ConnectionResetError("TLS peer closed without close_notify")
+                self._stash_end.__cause__ = exc
+                return
+            except ssl.SSLError as exc:
+                self._stash_end = exc
+                return
+            if not data:
+                self._stash_end = EOFError()  # the peer's close_notify: EOF after the stash
+                return
+            self._stash += data
+
+    async def _fill(self) -> None:
+        """Move one read's worth of bytes from the socket into the incoming BIO."""
+        if self._rx.busy:
+            await self._rx.wait_until_free()  # the other task is filling; the caller retries
+            return
+        self._rx.busy = True
+        try:
+            if self._raw_drained:
+                await trio.lowlevel.wait_readable(self._raw)
+            while True:
+                try:
+                    n = self._raw.recv_into(self._rbuf)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self._raw)
+                    continue
+                self._raw_drained = n < len(self._rbuf)
+                if n:
+                    self._in.write(self._rbuf[:n])
+                else:
+                    self._in.write_eof()
+                return
+        finally:
+            self._rx.release()
+
+    async def _flush(self) -> None:
+        """Send everything in the outgoing BIO, in order, even with two tasks flushing."""
+        while self._out.pending:
+            if self._tx.busy:
+                await self._tx.wait_until_free()
+                continue
+            self._tx.busy = True
+            try:
+                await send_all_raw(self._raw, self._out.read())
+            finally:
+                self._tx.release()
+
+
+async def send_all_raw(sock: socket.socket, data: memoryview | bytes) -> None:
+    """Send all of ``data`` on a non-blocking socket: syscall first, wait only when full."""
+    try:
+        n = sock.send(data)
+    except BlockingIOError:
+        n = 0
+    if n == len(data):
+        return
+    view = memoryview(data)[n:]
+    while view:
+        await trio.lowlevel.wait_writable(sock)
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            continue
+
+
+async def handshake(
+    sock: socket.socket,
+    ctx: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None = None,
+    timeout: float,
+) -> TLSConnection:
+    """Run a TLS handshake on a connected socket and return the session.
+
+    The socket is made non-blocking and owned by the result; on failure it is closed (RST).
+    Peer identity (SPIFFE) is the caller's job, using :meth:`TLSConnection.peer_chain_der`,
+    before any application byte moves: this function only runs ``ctx``'s own verification.
+
+    Args:
+        sock: a connected stream socket (``socket.socket``; a trio socket can be converted
+            with ``socket.socket(fileno=trio_sock.detach())``).
+        ctx: the TLS context; for mTLS both sides use ``CERT_REQUIRED``. A client context
+            for SPIFFE certificates has ``check_hostname`` off.
+        server_side: True to accept, False to connect.
+        server_hostname: the SNI to send (client side only).
+        timeout: seconds the whole handshake may take.
+
+    Raises:
+        TLSHandshakeError: verification failed, the peer went away, or the timeout expired.
+    """
+    sock.setblocking(False)
+    _set_nodelay(sock)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_side=server_side,
+                       server_hostname=server_hostname)  # fmt: skip
+    conn = TLSConnection(sock, obj, incoming, outgoing)
+    peer = _peer_name(sock)
+    try:
+        await conn.handshake(timeout)
+    except trio.TooSlowError as exc:
+        conn.abort()
+        raise TLSHandshakeError(f"TLS handshake with {peer} timed out after {timeout}s") from exc
+    except (ssl.SSLError, OSError) as exc:
+        conn.abort()
+        raise TLSHandshakeError(f"TLS handshake with {peer} failed: {_reason(exc)}") from exc
+    except BaseException:
+        conn.abort()
+        raise
+    return conn
+
+
+def _reason(exc: ssl.SSLError | OSError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"{exc.reason}: {exc.verify_message}"
+    return getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
+
+
+def _set_nodelay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return "peer"
+    if isinstance(addr, tuple):
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr) or "peer"
