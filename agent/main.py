@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from agent.redirect_cli import redirect_cli
+from agent.run_cli import run_cmd
 from meshd import __version__
 from meshd.console import run_cli
 
@@ -12,6 +14,10 @@ from meshd.console import run_cli
 @click.version_option(__version__, prog_name="meshd-agent")
 def agent_cli() -> None:
     """Register local services in Consul, intercept their traffic and carry it over mTLS."""
+
+
+agent_cli.add_command(redirect_cli)
+agent_cli.add_command(run_cmd)
 
 
 def main() -> None:

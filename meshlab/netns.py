@@ -1,10 +1,12 @@
 """A multi-host lab on one machine: network namespaces joined by a bridge, each with Consul.
 
 Design note. Every "host" is a network namespace with one veth into a bridge that lives in
-the root namespace. Addresses come from 198.18.0.0/24 (RFC 2544, benchmarking) and
-2001:db8:6d::/64 (documentation prefix), so nothing here can be mistaken for, or routed to, a
-real network; hosts get no default route. The root namespace holds 198.18.0.1 on the bridge so
-the test process can talk to hosts directly.
+the root namespace. Addresses come from 198.18.<n>.0/24 (RFC 2544, benchmarking; one /24 per
+lab, so labs of concurrent runs never overlap) and 2001:db8:6d:<n>::/64 (documentation
+prefix), so nothing here can be mistaken for, or routed to, a real network; hosts get no
+default route. The root namespace holds 198.18.<n>.1 on the bridge so the test process can
+talk to hosts directly. Names carry the creating process's PID, so a new run removes what a
+crashed run left (its PID is gone) and never what a live one is using.
 
 One namespace runs a Consul server (``consul agent -dev``, fast leader election); every host
 runs a Consul client agent joined to it, listening on its own loopback and on its address, as
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,12 +31,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
-SUBNET_PREFIX = "198.18.0."
-SUBNET6_PREFIX = "2001:db8:6d::"
-ROOT_ADDRESS = SUBNET_PREFIX + "1"
-CONSUL_SERVER_ADDRESS = SUBNET_PREFIX + "2"
+# meshd-<tag>-<host> (namespace), mbr<tag> (bridge), mv<tag>x<index> (veth); tag = name+pid.
+_NAME = re.compile(r"^(?:meshd-|mbr|mv)([a-z]+)(\d+)(?:-|x|$)")
 STOP_GRACE_S = 5.0
 
 
@@ -126,9 +125,13 @@ class Host:
 class Lab:
     """A Consul server namespace and *n* host namespaces on one bridge."""
 
-    def __init__(self, tag: str, host_names: Sequence[str], workdir: Path) -> None:
+    def __init__(self, tag: str, host_names: Sequence[str], workdir: Path, subnet: int) -> None:
         self.tag = tag
         self.workdir = workdir
+        self.prefix = f"198.18.{subnet}."
+        self.prefix6 = f"2001:db8:6d:{subnet:x}::"
+        self.root_address = self.prefix + "1"
+        self.server_address = self.prefix + "2"
         self.bridge = f"mbr{tag}"[:15]
         self.hosts: dict[str, Host] = {}
         self._namespaces: list[str] = []
@@ -138,11 +141,11 @@ class Lab:
     # -- building -----------------------------------------------------------------
     def start(self) -> None:
         _run(["ip", "link", "add", self.bridge, "type", "bridge"])
-        _run(["ip", "addr", "add", f"{ROOT_ADDRESS}/24", "dev", self.bridge])
+        _run(["ip", "addr", "add", f"{self.root_address}/24", "dev", self.bridge])
         _run(["ip", "link", "set", self.bridge, "up"])
-        self.server = self._add_namespace("cs", CONSUL_SERVER_ADDRESS, 2)
+        self.server = self._add_namespace("cs", self.server_address, 2)
         for i, name in enumerate(self._host_names):
-            self.hosts[name] = self._add_namespace(name, f"{SUBNET_PREFIX}{10 + i}", 10 + i)
+            self.hosts[name] = self._add_namespace(name, f"{self.prefix}{10 + i}", 10 + i)
         self._start_consul_server()
         for host in self.hosts.values():
             self._start_consul_client(host)
@@ -150,12 +153,14 @@ class Lab:
 
     def _add_namespace(self, name: str, address: str, index: int) -> Host:
         netns = f"meshd-{self.tag}-{name}"
-        veth = f"mv{self.tag}{index}"[:15]
+        veth = f"mv{self.tag}x{index}"
+        if len(veth) > 15:
+            raise LabUnavailable(f"interface name {veth!r} too long (pid too large?)")
         _run(["ip", "netns", "add", netns])
         self._namespaces.append(netns)
         _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns])
         _run(["ip", "link", "set", veth, "master", self.bridge, "up"])
-        address6 = f"{SUBNET6_PREFIX}{index:x}"
+        address6 = f"{self.prefix6}{index:x}"
         for argv in (
             ["ip", "link", "set", "lo", "up"],
             ["ip", "addr", "add", f"{address}/24", "dev", "eth0"],
@@ -188,7 +193,7 @@ class Lab:
         self.wait_http(self.server, leader=True)
 
     def _start_consul_client(self, host: Host) -> None:
-        host.spawn("consul", self._consul_argv(host, [f"-retry-join={CONSUL_SERVER_ADDRESS}"]))
+        host.spawn("consul", self._consul_argv(host, [f"-retry-join={self.server_address}"]))
 
     def restart_consul(self, host: Host) -> Process:
         """Start a Consul agent again on *host* (after the test stopped it)."""
@@ -198,7 +203,7 @@ class Lab:
             self.wait_http(host, leader=True)
         else:
             proc = host.spawn(
-                "consul", self._consul_argv(host, [f"-retry-join={CONSUL_SERVER_ADDRESS}"])
+                "consul", self._consul_argv(host, [f"-retry-join={self.server_address}"])
             )
         return proc
 
@@ -245,42 +250,69 @@ class Lab:
         _run(["ip", "link", "del", self.bridge], check=False)
 
 
-def _sweep_stale(tag: str) -> None:
-    """Remove namespaces and the bridge a crashed earlier run of this same lab tag left."""
-    listing = _run(["ip", "netns", "list"], check=False).stdout
-    for line in listing.splitlines():
-        name = line.split()[0] if line.strip() else ""
-        if name.startswith(f"meshd-{tag}-"):
+def _pid_alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def _sweep_stale() -> None:
+    """Remove namespaces and links of labs whose creating process no longer exists."""
+    names = [
+        line.split()[0]
+        for line in _run(["ip", "netns", "list"], check=False).stdout.splitlines()
+        if line.strip()
+    ]
+    links = [
+        line.split()[0].split("@")[0]
+        for line in _run(["ip", "-br", "link"], check=False).stdout.splitlines()
+        if line.strip()
+    ]
+    for name in names + links:
+        match = _NAME.match(name)
+        if match is None or _pid_alive(int(match.group(2))):
+            continue
+        if name.startswith("meshd-"):
             _run(["ip", "netns", "del", name], check=False)
-    _run(["ip", "link", "del", f"mbr{tag}"[:15]], check=False)
+        else:
+            _run(["ip", "link", "del", name], check=False)
+
+
+def _free_subnet() -> int:
+    """A third octet n with 198.18.n.0/24 unused on this machine."""
+    used = _run(["ip", "-4", "-br", "addr"], check=False).stdout
+    for n in range(1, 255):
+        if f"198.18.{n}." not in used:
+            return n
+    raise LabUnavailable("no free 198.18.n.0/24 left for another lab")
+
+
+class LabUnavailable(RuntimeError):
+    """The lab cannot run on this machine (not root, or a tool is missing)."""
 
 
 def require_root_netns() -> None:
-    """Fail (not skip) when the lab cannot run: CI runs as root and must run these tests."""
+    """Raise :class:`LabUnavailable` when the lab cannot run (never a silent skip)."""
     if os.geteuid() != 0:
-        pytest.fail("the network-namespace lab needs root (CI runs as root)")
+        raise LabUnavailable("the network-namespace lab needs root")
     for tool in ("ip", "consul", "iptables-restore"):
         if shutil.which(tool) is None:
-            pytest.fail(f"the network-namespace lab needs {tool!r}: run scripts/bootstrap.sh")
+            raise LabUnavailable(
+                f"the network-namespace lab needs {tool!r}: run scripts/bootstrap.sh"
+            )
 
 
 @contextlib.contextmanager
-def open_lab(tag: str, host_names: Sequence[str]) -> Iterator[Lab]:
-    """Build a lab named *tag* with the given hosts; tear it all down afterwards."""
+def open_lab(name: str, host_names: Sequence[str]) -> Iterator[Lab]:
+    """Build a lab (*name*: a few lowercase letters) with the given hosts; tear it down after."""
     require_root_netns()
-    _sweep_stale(tag)
+    if not name.isalpha() or not name.islower() or len(name) > 3:
+        raise ValueError(f"lab name {name!r}: 1-3 lowercase letters")
+    _sweep_stale()
+    tag = f"{name}{os.getpid()}"
     workdir = Path(tempfile.mkdtemp(prefix=f"meshd-lab-{tag}-"))
-    lab = Lab(tag, host_names, workdir)
+    lab = Lab(tag, host_names, workdir, _free_subnet())
     try:
         lab.start()
         yield lab
     finally:
         lab.close()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    """A three-host lab (web, api, db) shared by one test module."""
-    with open_lab("t", ("web", "api", "db")) as the_lab:
-        yield the_lab

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.plugins.consul_agent",
     "tests.plugins.pki",
     "tests.plugins.netns",
+    "tests.plugins.mesh",
 ]

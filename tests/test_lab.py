@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.plugins.netns import Host, Lab, open_lab
+from meshlab.netns import Host, Lab, open_lab
 
 pytestmark = pytest.mark.netns
 
-ECHO = str(Path(__file__).parent / "apps" / "echo.py")
+ECHO = str(Path(__file__).parent.parent / "meshlab" / "apps" / "echo.py")
 
 
 def start_echo(host: Host, port: int, *, mode: str = "whoami") -> None:
@@ -73,6 +73,7 @@ def test_teardown_leaves_nothing_behind() -> None:
     with open_lab("z", ("one",)) as small:
         pids = [p.pid for h in (*small.hosts.values(), small.server) if h for p in h.processes]
         namespaces = [h.netns for h in small.hosts.values()]
+        bridge = small.bridge
         assert pids and all(Path(f"/proc/{pid}").exists() for pid in pids)
     listing = subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True, check=False
@@ -80,7 +81,7 @@ def test_teardown_leaves_nothing_behind() -> None:
     assert not [ns for ns in namespaces if ns in listing]
     assert not any(Path(f"/proc/{pid}").exists() and _not_zombie(pid) for pid in pids)
     links = subprocess.run(
-        ["ip", "link", "show", "mbrz"], capture_output=True, text=True, check=False
+        ["ip", "link", "show", bridge], capture_output=True, text=True, check=False
     )
     assert links.returncode != 0
 

@@ -1,0 +1,232 @@
+"""The outbound proxy: intercepted application connections, carried over mutual TLS.
+
+Flow for one connection: original destination (SO_ORIGINAL_DST) → mesh service via the
+snapshot's address map → local identity to present → endpoints in balanced order, retrying
+the connect on the next one → mTLS handshake with SNI = service → verify the peer is that
+service (before any application byte) → pump.
+
+A destination the snapshot does not know follows the mesh's outbound policy: ``allow-any``
+dials it directly (the proxy's own uid is excluded from redirection, so this is not looped),
+``registry-only`` refuses. Either way the agent is told, so it can discover the service.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import trio
+
+from agent.netio import connect_tcp
+from agent.origdst import OriginalDestinationError, original_destination
+from agent.proxycore import ProxyDeps, finish, peer_of, refuse
+from agent.pump import PlainConnection, pump
+from agent.tlsconn import TLSConnection, TLSHandshakeError, handshake
+from meshd.dataplane import DataPlaneView
+from meshd.meshconfig import OutboundPolicy
+from meshd.peer import PeerRejected, verify_peer
+from meshd.snapshot import Endpoint
+
+DIRECTION = "outbound"
+
+
+async def handle_outbound(deps: ProxyDeps, conn: socket.socket) -> None:
+    """Serve one intercepted connection; owns and always closes *conn*."""
+    started = trio.current_time()
+    client = peer_of(conn)
+    try:
+        address, port = original_destination(conn)
+    except OriginalDestinationError as exc:
+        refuse(conn)
+        finish(
+            deps,
+            direction=DIRECTION,
+            source=client,
+            destination="?",
+            started=started,
+            outcome="no_original_destination",
+            reason=str(exc),
+        )
+        return
+    view = deps.view()
+    target = f"{address}:{port}"
+    if view is None:
+        refuse(conn)
+        finish(
+            deps,
+            direction=DIRECTION,
+            source=client,
+            destination=target,
+            started=started,
+            outcome="no_snapshot",
+        )
+        return
+    service = view.snapshot.service_for(address, port)
+    if service is None:
+        deps.on_unknown_destination(address, port)
+        await _unknown_destination(deps, view, conn, address, port, started)
+        return
+    await _to_mesh_service(deps, view, conn, service, started)
+
+
+async def _unknown_destination(
+    deps: ProxyDeps,
+    view: DataPlaneView,
+    conn: socket.socket,
+    address: str,
+    port: int,
+    started: float,
+) -> None:
+    target = f"{address}:{port}"
+    source = peer_of(conn)
+    if view.mesh.outbound_policy != OutboundPolicy.ALLOW_ANY:
+        refuse(conn)
+        finish(
+            deps,
+            direction=DIRECTION,
+            source=source,
+            destination=target,
+            started=started,
+            outcome="refused_registry_only",
+        )
+        return
+    try:
+        upstream = await connect_tcp(address, port, timeout=deps.timeouts.connect)
+    except (OSError, trio.TooSlowError) as exc:
+        refuse(conn)
+        finish(
+            deps,
+            direction=DIRECTION,
+            source=source,
+            destination=target,
+            started=started,
+            outcome="connect_failed",
+            reason=str(exc) or type(exc).__name__,
+        )
+        return
+    result = await pump(
+        PlainConnection(conn), PlainConnection(upstream), idle_timeout=deps.timeouts.idle
+    )
+    finish(
+        deps,
+        direction=DIRECTION,
+        source=source,
+        destination=target,
+        started=started,
+        outcome="passthrough",
+        result=result,
+        passthrough=True,
+    )
+
+
+async def _to_mesh_service(
+    deps: ProxyDeps, view: DataPlaneView, conn: socket.socket, service: str, started: float
+) -> None:
+    client = peer_of(conn)
+    local = view.source_identity(service)
+    reason = _cannot_dial(view, local is not None)
+    ctx: ssl.SSLContext | None = None
+    if reason is None and local is not None and view.bundle is not None:
+        ctx = deps.tls.context("client", local.name, view.bundle)
+        reason = None if ctx is not None else f"no valid certificate for {local.name}"
+    if reason is not None or ctx is None or local is None:
+        refuse(conn)
+        finish(
+            deps,
+            direction=DIRECTION,
+            source=client,
+            destination=service,
+            started=started,
+            outcome="refused",
+            reason=reason,
+        )
+        return
+    upstream = await _dial(deps, view, service, ctx)
+    if isinstance(upstream, str):
+        refuse(conn)
+        finish(
+            deps,
+            direction=DIRECTION,
+            source=local.name,
+            destination=service,
+            started=started,
+            outcome="upstream_failed",
+            reason=upstream,
+        )
+        return
+    result = await pump(PlainConnection(conn), upstream, idle_timeout=deps.timeouts.idle)
+    finish(
+        deps,
+        direction=DIRECTION,
+        source=local.name,
+        destination=service,
+        started=started,
+        outcome="closed",
+        result=result,
+        client=client,
+    )
+
+
+def _cannot_dial(view: DataPlaneView, has_identity: bool) -> str | None:
+    if view.bundle is None:
+        return f"no trust bundle: {view.bundle_error}"
+    if not has_identity:
+        return "no unambiguous local identity (declare the upstream in one service)"
+    return None
+
+
+async def _dial(
+    deps: ProxyDeps, view: DataPlaneView, service: str, ctx: ssl.SSLContext
+) -> TLSConnection | str:
+    """Connect and verify an endpoint of *service*, trying the next on connect failure.
+
+    Returns the verified connection, or the reason every attempt failed.
+    """
+    endpoints = view.snapshot.endpoints(service)
+    order: tuple[Endpoint, ...] = deps.balancer.attempt_order(service, endpoints)
+    if not order:
+        return f"no healthy endpoint for {service}"
+    last = ""
+    for attempt, endpoint in enumerate(order):
+        if attempt:
+            deps.metrics.connect_retries.labels(service).inc()
+        try:
+            sock = await connect_tcp(endpoint.address, endpoint.port, timeout=deps.timeouts.connect)
+        except (OSError, trio.TooSlowError) as exc:
+            last = f"connect {endpoint.address}:{endpoint.port}: {exc or 'timed out'}"
+            continue
+        return await _secure(deps, view, service, sock, ctx, endpoint)
+    return last
+
+
+async def _secure(
+    deps: ProxyDeps,
+    view: DataPlaneView,
+    service: str,
+    sock: socket.socket,
+    ctx: ssl.SSLContext,
+    endpoint: Endpoint,
+) -> TLSConnection | str:
+    assert view.bundle is not None  # _cannot_dial checked it
+    try:
+        tls = await handshake(
+            sock, ctx, server_side=False, server_hostname=service, timeout=deps.timeouts.handshake
+        )
+    except TLSHandshakeError as exc:
+        deps.metrics.tls_failures.labels(DIRECTION, "handshake").inc()
+        return str(exc)
+    try:
+        verify_peer(
+            tls.peer_chain_der(),
+            view.bundle,
+            role="server",
+            trust_domain=view.bundle.trust_domain,
+            expected_service=service,
+            now=deps.wall_clock(),
+        )
+    except PeerRejected as exc:
+        # Nothing was written yet: the application's bytes never reach the wrong peer.
+        tls.abort()
+        deps.metrics.tls_failures.labels(DIRECTION, "peer_identity").inc()
+        return f"{endpoint.address}:{endpoint.port}: {exc}"
+    return tls

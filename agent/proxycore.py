@@ -1,0 +1,115 @@
+"""What both proxies share: their dependencies, timeouts and the end-of-connection record.
+
+Design note. A proxy handler reads the current :class:`~meshd.dataplane.DataPlaneView` once
+when a connection arrives and keeps it for the connection's life: new connections use the
+newest snapshot, open ones keep theirs (DESIGN "Data plane"). Everything per-connection is
+decided from that view before any I/O: where to go, with which identity, and whether it is
+allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from agent.accesslog import JsonLog
+from agent.metrics import AgentMetrics
+from agent.pump import PumpResult
+from agent.tlscontexts import TLSContexts
+from meshd.balancer import RoundRobin
+from meshd.dataplane import DataPlaneView
+
+
+@dataclass(frozen=True)
+class ProxyTimeouts:
+    """Timeouts in seconds for the proxies."""
+
+    connect: float = 2.0
+    handshake: float = 5.0
+    first_byte: float = 10.0
+    idle: float = 3600.0
+
+
+@dataclass
+class ProxyDeps:
+    """Everything a proxy handler needs; one instance per agent.
+
+    Attributes:
+        view: returns the current view, or None before the first snapshot.
+        tls: mTLS contexts for local services.
+        metrics: the agent's metrics.
+        log: access log and events.
+        timeouts: the proxies' timeouts.
+        balancer: endpoint choice for the outbound proxy.
+        wall_clock: "now" for certificate validity (injectable for tests).
+        on_unknown_destination: told about original destinations the snapshot cannot map,
+            so the agent can discover them on demand.
+    """
+
+    view: Callable[[], DataPlaneView | None]
+    tls: TLSContexts
+    metrics: AgentMetrics
+    log: JsonLog
+    timeouts: ProxyTimeouts = field(default_factory=ProxyTimeouts)
+    balancer: RoundRobin = field(default_factory=RoundRobin)
+    wall_clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
+    on_unknown_destination: Callable[[str, int], None] = field(default=lambda _a, _p: None)
+
+
+def peer_of(sock: socket.socket) -> str:
+    """``address:port`` of the socket's peer, or ``"?"`` once it is gone."""
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+def refuse(sock: socket.socket) -> None:
+    """Close *sock* with a reset: the client sees its connection refused outright."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+def finish(
+    deps: ProxyDeps,
+    *,
+    direction: str,
+    source: str,
+    destination: str,
+    started: float,
+    outcome: str,
+    result: PumpResult | None = None,
+    **fields: object,
+) -> None:
+    """Record one finished (or refused) connection: metrics and one access-log line."""
+    duration = trio.current_time() - started
+    sent = result.bytes_a_to_b if result else 0
+    received = result.bytes_b_to_a if result else 0
+    if result is not None:
+        outcome = result.outcome
+        if result.detail:
+            fields["detail"] = result.detail
+    m = deps.metrics
+    m.connections.labels(direction, source, destination, outcome).inc()
+    m.duration.labels(direction).observe(duration)
+    if sent:
+        m.bytes.labels(direction, destination, "to_upstream").inc(sent)
+    if received:
+        m.bytes.labels(direction, destination, "to_downstream").inc(received)
+    deps.log.access(
+        direction=direction,
+        source=source,
+        destination=destination,
+        outcome=outcome,
+        bytes_sent=sent,
+        bytes_received=received,
+        duration_s=round(duration, 6),
+        **fields,
+    )

@@ -1,0 +1,58 @@
+"""``meshd-agent run``: start the agent from its configuration files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import trio
+
+from agent import redirect
+from agent.accesslog import JsonLog, install_json_logging
+from agent.certifier import endpoints_from_addresses
+from agent.runtime import AgentOptions, serve_agent
+from agent.setup import proxy_uid, redirect_spec
+from meshd.config import load_agent_config, load_service_dir
+from meshd.consul import ConsulSettings, open_consul
+
+
+@click.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=Path("/etc/meshd/agent.toml"),
+    show_default=True,
+    help="The agent's configuration file.",
+)
+def run_cmd(config_path: Path) -> None:
+    """Run the agent: register services, intercept traffic, proxy it over mTLS."""
+    config = load_agent_config(config_path)
+    services = load_service_dir(Path(config.agent.services_dir), missing_ok=True)
+    settings = ConsulSettings.from_config(config.consul, file=str(config_path))
+    uid = proxy_uid(config, str(config_path))
+    spec = redirect_spec(config, services, uid) if config.redirect.enabled else None
+    log = JsonLog(level=config.log.level)
+    install_json_logging(log, config.log.level)
+    options = AgentOptions(
+        config=config,
+        services=services,
+        meshd_endpoints=(
+            endpoints_from_addresses(config.meshd.addresses) if config.meshd.addresses else None
+        ),
+    )
+
+    async def main() -> None:
+        async with open_consul(settings) as consul, trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: serve_agent(consul, options, log=log, task_status=task_status)
+            )
+            if spec is not None:
+                # Rules go in only once the proxies listen: a redirected connection then
+                # always finds a proxy. They stay when the agent exits (see runtime).
+                changes = await trio.to_thread.run_sync(redirect.apply, spec)
+                log.event(
+                    "redirect_applied", changed=[f"IPv{c.family}" for c in changes if c.applied]
+                )
+
+    trio.run(main)

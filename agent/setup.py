@@ -1,0 +1,49 @@
+"""Turning the agent's validated configuration into the values its parts take."""
+
+from __future__ import annotations
+
+import dataclasses
+import pwd
+from collections.abc import Iterable
+
+from meshd.config import AgentConfig, ConfigError, ServiceConfig
+from meshd.redirect_spec import RedirectSpec
+
+
+def proxy_uid(config: AgentConfig, file: str) -> int:
+    """The uid of ``proxy.user`` (a name or a number).
+
+    Raises:
+        ConfigError: the user does not exist on this host.
+    """
+    user = config.proxy.user
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ConfigError(file, "proxy.user", f"no such user {user!r} on this host") from None
+
+
+def redirect_spec(config: AgentConfig, services: Iterable[ServiceConfig], uid: int) -> RedirectSpec:
+    """The interception rules this configuration asks for."""
+    r = config.redirect
+    spec = RedirectSpec(
+        proxy_uid=uid,
+        outbound_port=config.proxy.outbound_port,
+        inbound_port=config.proxy.inbound_port,
+        inbound_ports=tuple(sorted({s.port for s in services})),
+        exclude_uids=tuple(r.exclude_uids),
+        exclude_inbound_ports=tuple(r.exclude_inbound_ports),
+        exclude_outbound_cidrs=tuple(str(n) for n in r.exclude_outbound_cidrs),
+        agent_ports=(config.proxy.admin_port,),
+        ipv6=r.ipv6,
+    )
+    if r.exclude_outbound_ports:
+        spec = dataclasses.replace(
+            spec,
+            exclude_outbound_ports=tuple(
+                sorted({*spec.exclude_outbound_ports, *r.exclude_outbound_ports})
+            ),
+        )
+    return spec

@@ -1,0 +1,65 @@
+"""mTLS contexts for the proxies, rebuilt only when a certificate or the bundle changes.
+
+Building an ``ssl.SSLContext`` costs milliseconds (key load, store build), so contexts are
+cached per (role, service) and keyed by the certificate's fingerprint and the bundle's
+identity: a renewal or a root rotation produces new contexts for new connections, while
+open connections keep the context they were made with.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Literal, Protocol
+
+from meshd.peer import make_ssl_context
+from meshd.trustbundle import TrustBundle
+
+Role = Literal["client", "server"]
+
+
+class CurrentCertificate(Protocol):
+    """A local service's certificate as the certifier hands it out."""
+
+    @property
+    def chain_pem(self) -> bytes: ...
+    @property
+    def key_path(self) -> Path: ...
+    @property
+    def serial(self) -> int: ...
+
+
+class CredentialSource(Protocol):
+    """Where the proxies get certificates from (the agent's certifier)."""
+
+    def current(self, service: str) -> CurrentCertificate | None:
+        """The service's valid certificate, or None (not issued yet, or expired)."""
+
+
+class TLSContexts:
+    """A cache of contexts keyed by role, service, certificate and bundle."""
+
+    def __init__(self, source: CredentialSource) -> None:
+        self._source = source
+        self._cache: dict[tuple[Role, str], tuple[int, TrustBundle, ssl.SSLContext]] = {}
+
+    def context(self, role: Role, service: str, bundle: TrustBundle) -> ssl.SSLContext | None:
+        """The context for *service* acting as *role*, or None without a valid certificate.
+
+        Args:
+            role: ``client`` for the outbound proxy, ``server`` for the inbound proxy.
+            service: the local service whose identity is presented.
+            bundle: the trust bundle of the current snapshot.
+        """
+        cert = self._source.current(service)
+        if cert is None:
+            return None
+        key = (role, service)
+        cached = self._cache.get(key)
+        # Bundles are immutable and replaced on change; holding the one a context was built
+        # from (rather than its id, which a later object could reuse) makes `is` exact.
+        if cached is not None and cached[0] == cert.serial and cached[1] is bundle:
+            return cached[2]
+        ctx = make_ssl_context(role, cert.chain_pem, cert.key_path, bundle)
+        self._cache[key] = (cert.serial, bundle, ctx)
+        return ctx

@@ -1,0 +1,239 @@
+"""A whole mesh in the lab: the CA, a meshd server, agents and unchanged applications.
+
+Everything is started the way an operator would: ``meshctl ca init`` publishes the trust
+bundle, ``meshd serve`` runs in the Consul server's namespace, ``meshctl token create``
+writes each host's 0600 bootstrap token, and ``meshd-agent run`` reads an ``agent.toml``
+and ``services.d/`` written here. Applications and clients run as ``nobody`` (uid 65534):
+the agent runs as root and root is the proxy user, whose own traffic is never redirected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshlab.netns import Host, Lab, Process
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ECHO_APP = REPO / "meshlab" / "apps" / "echo.py"
+APP_PYTHON = "/usr/bin/python3"  # readable by nobody, unlike a venv under /root
+APP_UID = 65534
+TRUST_DOMAIN = "11111111-2222-3333-4444-555555555555.consul"
+MESHD_PORT = 8555
+ADMIN_PORT = 15000
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One service a host runs: its name, port and the upstreams it declares."""
+
+    name: str
+    port: int
+    upstreams: tuple[str, ...] = ()
+    protocol: str = "tcp"
+
+
+@dataclass
+class MeshHost:
+    """A lab host with its agent files."""
+
+    host: Host
+    dir: Path
+    services: tuple[ServiceSpec, ...] = ()
+    agent: Process | None = None
+    apps: list[Process] = field(default_factory=list)
+
+
+def as_app_user(argv: Sequence[str]) -> list[str]:
+    """*argv* run as the unprivileged application user (so its traffic is intercepted)."""
+    return ["setpriv", f"--reuid={APP_UID}", f"--regid={APP_UID}", "--clear-groups", *argv]
+
+
+class Mesh:
+    """The mesh on top of a :class:`~meshlab.netns.Lab`."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.workdir = lab.workdir / "mesh"
+        self.workdir.mkdir(mode=0o700, exist_ok=True)
+        self.hosts: dict[str, MeshHost] = {}
+        self.meshd: Process | None = None
+
+    # -- control plane --------------------------------------------------------------
+    def consul_env(self) -> dict[str, str]:
+        """Environment for meshctl run from the root namespace."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+        env["CONSUL_HTTP_ADDR"] = f"http://{self.lab.server_address}:8500"
+        return env
+
+    def meshctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``meshctl`` against the lab's Consul."""
+        return subprocess.run(
+            [str(BIN / "meshctl"), *args],
+            env=self.consul_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=check,
+        )
+
+    def start_control_plane(self) -> None:
+        """``meshctl ca init`` then ``meshd serve`` in the Consul server's namespace."""
+        ca_dir = self.workdir / "ca"
+        self.meshctl("ca", "init", "--dir", str(ca_dir), "--trust-domain", TRUST_DOMAIN)
+        config = self.workdir / "meshd.toml"
+        config.write_text(
+            f'[server]\nlisten = "0.0.0.0:{MESHD_PORT}"\n'
+            f'advertise_address = "{self.lab.server_address}"\nname = "meshd-1"\n'
+            f'[ca]\ndir = "{ca_dir}"\nleaf_ttl = "24h"\n'
+            '[consul]\naddress = "http://127.0.0.1:8500"\n'
+        )
+        assert self.lab.server is not None
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+        self.meshd = self.lab.server.spawn(
+            "meshd", [str(BIN / "meshd"), "serve", "--config", str(config)], env=env
+        )
+        self.wait_passing("meshd", 1, timeout_s=30)
+
+    # -- hosts ---------------------------------------------------------------------
+    def add_host(self, name: str, services: Sequence[ServiceSpec]) -> MeshHost:
+        """Write *name*'s agent.toml, services.d/ and bootstrap token (nothing started)."""
+        host = self.lab.hosts[name]
+        hdir = self.workdir / name
+        (hdir / "services.d").mkdir(parents=True, exist_ok=True)
+        mh = MeshHost(host, hdir, tuple(services))
+        self.hosts[name] = mh
+        self._write_agent_files(mh)
+        if services:
+            args = ["token", "create", "--host", name, "--ttl", "1h"]
+            for spec in services:
+                args += ["--service", spec.name]
+            self.meshctl(*args, "--output", str(hdir / "bootstrap.token"))
+        return mh
+
+    def _write_agent_files(self, mh: MeshHost) -> None:
+        hdir = mh.dir
+        (hdir / "agent.toml").write_text(
+            f'[agent]\nnode_name = "{mh.host.name}"\ndatacenter = "dc1"\n'
+            f'state_dir = "{hdir / "state"}"\nservices_dir = "{hdir / "services.d"}"\n'
+            f'bootstrap_token_file = "{hdir / "bootstrap.token"}"\n'
+            '[consul]\naddress = "http://127.0.0.1:8500"\n'
+            f'[meshd]\naddresses = ["https://{self.lab.server_address}:{MESHD_PORT}"]\n'
+            '[proxy]\nuser = "root"\ndrain_timeout = "10s"\n'
+            '[log]\nlevel = "info"\n'
+        )
+        for spec in mh.services:
+            upstreams = ", ".join(json.dumps(u) for u in spec.upstreams)
+            (hdir / "services.d" / f"{spec.name}.toml").write_text(
+                f'[service]\nname = "{spec.name}"\nport = {spec.port}\n'
+                f'protocol = "{spec.protocol}"\nupstreams = [{upstreams}]\n'
+                '[[service.checks]]\nkind = "tcp"\ninterval = "1s"\ntimeout = "1s"\n'
+            )
+
+    def start_agent(self, name: str) -> Process:
+        """Start ``meshd-agent run`` on host *name* and wait until it serves a snapshot."""
+        mh = self.hosts[name]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+        mh.agent = mh.host.spawn(
+            "agent",
+            [str(BIN / "meshd-agent"), "run", "--config", str(mh.dir / "agent.toml")],
+            env=env,
+        )
+        self.wait_admin(name, "/ready")
+        return mh.agent
+
+    def wait_admin(self, name: str, path: str, *, timeout_s: float = 30.0) -> str:
+        """Poll the agent's admin endpoint on host *name* until it answers 200."""
+        mh = self.hosts[name]
+        deadline = time.monotonic() + timeout_s
+        out = ""
+        while time.monotonic() < deadline:
+            if mh.agent is not None and not mh.agent.alive():
+                raise RuntimeError(f"agent on {name} exited:\n{mh.agent.log()[-4000:]}")
+            res = self.admin(name, path)
+            if res.returncode == 0:
+                return res.stdout
+            out = res.stdout + res.stderr
+            time.sleep(0.2)
+        log = mh.agent.log()[-4000:] if mh.agent else ""
+        raise TimeoutError(f"agent on {name}: {path} not ready in {timeout_s}s: {out}\n{log}")
+
+    def admin(self, name: str, path: str) -> subprocess.CompletedProcess[str]:
+        """GET the agent's admin *path* on host *name* (curl inside the namespace)."""
+        url = f"http://127.0.0.1:{ADMIN_PORT}{path}"
+        return self.hosts[name].host.run(["curl", "-sf", "--max-time", "5", url], check=False)
+
+    def start_app(self, name: str, port: int, *, mode: str = "whoami") -> Process:
+        """Start the unchanged echo application on host *name*, as the app user."""
+        mh = self.hosts[name]
+        argv = as_app_user(
+            [APP_PYTHON, str(ECHO_APP), "--port", str(port), "--mode", mode, "--name", name]
+        )
+        proc = mh.host.spawn(f"app{port}", argv)
+        deadline = time.monotonic() + 10
+        while "ready" not in proc.log():
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"app on {name}:{port} did not start: {proc.log()}")
+            time.sleep(0.05)
+        mh.apps.append(proc)
+        return proc
+
+    def wait_passing(self, service: str, count: int, *, timeout_s: float = 30.0) -> None:
+        """Wait until Consul has *count* passing instances of *service*."""
+        url = f"http://{self.lab.server_address}:8500/v1/health/service/{service}?passing=1"
+        deadline = time.monotonic() + timeout_s
+        found = -1
+        while time.monotonic() < deadline:
+            res = subprocess.run(["curl", "-sf", url], capture_output=True, text=True, check=False)
+            if res.returncode == 0:
+                found = len(json.loads(res.stdout))
+                if found == count:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"{service}: {found} passing instances, wanted {count}")
+
+    # -- clients ---------------------------------------------------------------------
+    def call(
+        self,
+        name: str,
+        address: str,
+        port: int,
+        payload: bytes = b"ping\n",
+        *,
+        timeout_s: float = 5.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """Connect from host *name* as the app user, send *payload*, half-close, read all.
+
+        stdout is what came back; the exit status is 0 on a clean exchange, 1 on error.
+        """
+        script = (
+            "import socket,sys\n"
+            f"s=socket.create_connection(({address!r},{port}),timeout={timeout_s})\n"
+            f"s.sendall({payload!r});s.shutdown(socket.SHUT_WR)\n"
+            "data=b''\n"
+            "while True:\n"
+            "    chunk=s.recv(65536)\n"
+            "    if not chunk: break\n"
+            "    data+=chunk\n"
+            "sys.stdout.write(data.decode('utf-8','replace'))\n"
+        )
+        return self.hosts[name].host.run(
+            as_app_user([APP_PYTHON, "-c", script]), check=False, timeout=timeout_s + 5
+        )
+
+    def describe(self) -> str:
+        """A shell-friendly summary of the hosts (for the demo's printout)."""
+        lines = []
+        for name, mh in self.hosts.items():
+            ports = ", ".join(f"{s.name}:{s.port}" for s in mh.services)
+            ns = shlex.quote(mh.host.netns)
+            lines.append(f"  {name:<5} {mh.host.address:<13} netns {ns:<16} {ports}")
+        return "\n".join(lines)

@@ -1,0 +1,32 @@
+"""Fixtures: a running mesh in the lab (see :mod:`meshlab.mesh`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from meshlab.mesh import Mesh, ServiceSpec
+from meshlab.netns import LabUnavailable, open_lab
+
+WEB_PORT, API_PORT, DB_PORT = 8080, 9090, 5432
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    """web → api → db on three hosts, agents running, apps up, no intentions yet."""
+    try:
+        with open_lab("m", ("web", "api", "db")) as lab:
+            the_mesh = Mesh(lab)
+            the_mesh.start_control_plane()
+            the_mesh.add_host("web", [ServiceSpec("web", WEB_PORT, upstreams=("api",))])
+            the_mesh.add_host("api", [ServiceSpec("api", API_PORT, upstreams=("db",))])
+            the_mesh.add_host("db", [ServiceSpec("db", DB_PORT)])
+            for name, port in (("web", WEB_PORT), ("api", API_PORT), ("db", DB_PORT)):
+                the_mesh.start_app(name, port)
+                the_mesh.start_agent(name)
+            for name in ("web", "api", "db"):
+                the_mesh.wait_passing(name, 1)
+            yield the_mesh
+    except LabUnavailable as exc:
+        pytest.fail(str(exc))

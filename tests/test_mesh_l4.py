@@ -1,0 +1,129 @@
+"""Issue 4 end to end: unchanged apps on three namespace hosts, meshed by meshd-agent.
+
+Every test here goes through real iptables interception, both proxies, real mTLS with
+certificates issued by a running meshd server, and a real Consul cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshlab.mesh import Mesh
+from meshlab.netns import Host
+from tests.plugins.mesh import API_PORT, DB_PORT
+
+pytestmark = [pytest.mark.netns, pytest.mark.consul]
+
+MARKER = b"plaintext-marker-8d1f2c\n"
+
+
+def call_until(
+    mesh: Mesh,
+    host: str,
+    target: str,
+    port: int,
+    *,
+    ok: bool,
+    timeout_s: float = 10.0,
+    payload: bytes = MARKER,
+) -> subprocess.CompletedProcess[str]:
+    """Call until the outcome is *ok* (a clean echo) or not, within *timeout_s*."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        res = mesh.call(host, target, port, payload)
+        succeeded = res.returncode == 0 and payload.decode() in res.stdout
+        if succeeded == ok or time.monotonic() > deadline:
+            return res
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def capture(host: Host, path: Path, bpf: str) -> Iterator[Path]:
+    """tcpdump on *host*'s link (eth0, inside its namespace) into *path* during the block."""
+    log = path.with_suffix(".log")
+    with log.open("wb") as err:
+        # -Z root: write the file as root (tcpdump otherwise drops to its own user first);
+        # --immediate-mode: deliver each packet at once, not when a ring block times out
+        # (about a second), or a capture stopped soon after the traffic misses all of it.
+        proc = subprocess.Popen(
+            host.exec_argv(
+                [
+                    "tcpdump",
+                    "-Z",
+                    "root",
+                    "--immediate-mode",
+                    "-i",
+                    "eth0",
+                    "-U",
+                    "-w",
+                    str(path),
+                    bpf,
+                ]
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while b"listening on" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield path
+    finally:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    assert b"packets captured" in log.read_bytes(), log.read_text()
+
+
+def access_lines(mesh: Mesh, host: str) -> list[dict[str, object]]:
+    """The agent's JSON access-log lines on *host*."""
+    agent = mesh.hosts[host].agent
+    assert agent is not None
+    lines = []
+    for raw in agent.log().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(raw)
+            if record.get("event") == "access":
+                lines.append(record)
+    return lines
+
+
+def test_app_reaches_remote_service_through_both_proxies_and_only_tls_crosses(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    mesh.meshctl("intention", "create", "web", "api", "--allow")
+    api = mesh.lab.hosts["api"]
+    with capture(mesh.lab.hosts["web"], tmp_path / "link.pcap", f"tcp port {API_PORT}") as pcap:
+        res = call_until(mesh, "web", api.address, API_PORT, ok=True)
+    assert res.returncode == 0, res.stderr
+    name, *_ = res.stdout.split()
+    assert name == "api"  # the unchanged api app answered ...
+    assert MARKER.decode() in res.stdout  # ... and echoed our bytes back
+    raw = pcap.read_bytes()
+    assert len(raw) > 200, "the capture saw no traffic"
+    assert MARKER.strip() not in raw  # nothing in clear text on the link
+    assert b"\x17\x03\x03" in raw  # TLS application-data records crossed instead
+    outbound = [r for r in access_lines(mesh, "web") if r["direction"] == "outbound"]
+    inbound = [r for r in access_lines(mesh, "api") if r["direction"] == "inbound"]
+    assert any(r["destination"] == "api" and r["outcome"] == "closed" for r in outbound)
+    assert any(r["source"] == "web" and r["destination"] == "api" for r in inbound)
+
+
+def test_without_an_intention_the_default_deny_refuses(mesh: Mesh) -> None:
+    # api declares db as an upstream, so its proxy dials db over mTLS; db's inbound proxy
+    # finds no intention and the mesh default is deny.
+    db = mesh.lab.hosts["db"]
+    res = call_until(mesh, "api", db.address, DB_PORT, ok=False, timeout_s=3)
+    assert res.returncode != 0
+    assert "db " not in res.stdout
+    denied = [r for r in access_lines(mesh, "db") if r["direction"] == "inbound"]
+    assert any(r["outcome"] == "refused" and "denied" in str(r.get("reason")) for r in denied)
