@@ -1,0 +1,337 @@
+"""Issue 5 end to end: intentions written to Consul KV, enforced by every agent of a live mesh.
+
+One lab for the module (web → api → db on three namespace hosts, real Consul, real meshd CA,
+real iptables interception and mTLS). Before each test the KV state is reset to the baseline
+(web → api and api → db allowed, no mesh config: default deny) and traffic is seen flowing.
+
+Timing is measured with clients that run inside the web host as the application user and
+stamp every attempt with the wall clock (one clock for all namespaces of this machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshd.intentions import Action, IntentionsDocument, SourceIntention, render_document
+from meshlab.mesh import APP_PYTHON, Mesh, ServiceSpec, as_app_user
+from meshlab.netns import LabUnavailable, Process, open_lab
+from tests.plugins.mesh import API_PORT, DB_PORT, WEB_PORT
+
+pytestmark = [pytest.mark.netns, pytest.mark.consul]
+
+PAYLOAD = b"intentions-e2e-4b7d\n"
+NEW_CONNECTIONS_BUDGET_S = 1.0
+OPEN_CONNECTIONS_BUDGET_S = 2.0
+
+# Runs as the app user inside a host. "poll": one short connection after another, each line
+# {"start", "end", "ok"}; "hold": one connection kept open, lines {"event": "open"|"closed"}.
+CLIENT = r"""
+import json, socket, sys, time
+mode, address, port, payload = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
+limit_s, interval_s, max_attempts = float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
+def out(**kw):
+    sys.stdout.write(json.dumps(kw) + "\n"); sys.stdout.flush()
+deadline = time.time() + limit_s
+if mode == "poll":
+    for _ in range(max_attempts):
+        if time.time() > deadline: break
+        start, data, err = time.time(), b"", ""
+        try:
+            with socket.create_connection((address, port), timeout=1.0) as s:
+                s.sendall(payload); s.shutdown(socket.SHUT_WR)
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk: break
+                    data += chunk
+        except OSError as exc:
+            err = type(exc).__name__
+        out(start=start, end=time.time(), ok=payload in data, err=err)
+        time.sleep(interval_s)
+else:
+    s = socket.create_connection((address, port), timeout=limit_s)
+    s.sendall(payload)
+    data = b""
+    while payload not in data:
+        chunk = s.recv(65536)
+        if not chunk: out(event="failed", t=time.time(), data=data.decode()); sys.exit(1)
+        data += chunk
+    out(event="open", t=time.time(), data=data.decode())
+    try:
+        how = "eof" if not s.recv(65536) else "data"
+    except socket.timeout:
+        how = "timeout"
+    except OSError as exc:
+        how = type(exc).__name__
+    out(event="closed", t=time.time(), how=how)
+"""
+
+
+@pytest.fixture(scope="module")
+def imesh() -> Iterator[Mesh]:
+    """web → api → db, each on its own host with agent and echo app; no intentions yet."""
+    try:
+        with open_lab("mi", ("web", "api", "db")) as lab:
+            mesh = Mesh(lab)
+            mesh.start_control_plane()
+            mesh.add_host("web", [ServiceSpec("web", WEB_PORT, upstreams=("api",))])
+            mesh.add_host("api", [ServiceSpec("api", API_PORT, upstreams=("db",))])
+            mesh.add_host("db", [ServiceSpec("db", DB_PORT)])
+            for name, port in (("web", WEB_PORT), ("api", API_PORT), ("db", DB_PORT)):
+                mesh.start_app(name, port)
+                mesh.start_agent(name)
+            for name in ("web", "api", "db"):
+                mesh.wait_passing(name, 1)
+            yield mesh
+    except LabUnavailable as exc:
+        pytest.fail(str(exc))
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def kv_url(mesh: Mesh, key: str, query: str = "") -> str:
+    return f"http://{mesh.lab.server_address}:8500/v1/kv/{key}{query}"
+
+
+def kv(mesh: Mesh, method: str, key: str, body: bytes | None = None, query: str = "") -> bytes:
+    """One Consul KV request straight to the server (no meshctl, no validation)."""
+    request = urllib.request.Request(kv_url(mesh, key, query), data=body, method=method)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return bytes(response.read())
+
+
+def modify_index(mesh: Mesh, key: str) -> int:
+    (entry,) = json.loads(kv(mesh, "GET", key))
+    return int(entry["ModifyIndex"])
+
+
+def call_ok(mesh: Mesh, host: str, address: str, port: int) -> bool:
+    res = mesh.call(host, address, port, PAYLOAD, timeout_s=2.0)
+    return res.returncode == 0 and PAYLOAD.decode() in res.stdout
+
+
+def wait_outcome(
+    mesh: Mesh, host: str, address: str, port: int, *, ok: bool, timeout_s: float = 10.0
+) -> bool:
+    """Call until the outcome is *ok* (bounded in time and attempts); the last outcome."""
+    deadline = time.monotonic() + timeout_s
+    outcome = not ok
+    for _ in range(200):
+        outcome = call_ok(mesh, host, address, port)
+        if outcome == ok or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return outcome
+
+
+def start_client(
+    mesh: Mesh,
+    host: str,
+    mode: str,
+    address: str,
+    port: int,
+    *,
+    limit_s: float,
+    interval_s: float = 0.02,
+    max_attempts: int = 1000,
+) -> Process:
+    argv = [APP_PYTHON, "-c", CLIENT, mode, address, str(port), PAYLOAD.decode()]
+    argv += [str(limit_s), str(interval_s), str(max_attempts)]
+    return mesh.lab.hosts[host].spawn(f"client-{mode}", as_app_user(argv))
+
+
+def client_lines(proc: Process) -> list[dict[str, Any]]:
+    lines = []
+    for raw in proc.log().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            lines.append(json.loads(raw))
+    return lines
+
+
+def wait_lines(
+    proc: Process, predicate: Any, *, timeout_s: float, what: str
+) -> list[dict[str, Any]]:
+    """Wait until some line of *proc*'s output satisfies *predicate*; all lines so far."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / 0.02) + 1):
+        lines = client_lines(proc)
+        if any(predicate(line) for line in lines):
+            return lines
+        if time.monotonic() > deadline or not proc.alive():
+            break
+        time.sleep(0.02)
+    lines = client_lines(proc)
+    if any(predicate(line) for line in lines):
+        return lines
+    raise AssertionError(f"{what} not seen within {timeout_s}s: {proc.log()[-2000:]}")
+
+
+def agent_events(mesh: Mesh, host: str, event: str) -> list[dict[str, Any]]:
+    agent = mesh.hosts[host].agent
+    assert agent is not None
+    found = []
+    for raw in agent.log().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(raw)
+            if isinstance(record, dict) and record.get("event") == event:
+                found.append(record)
+    return found
+
+
+@pytest.fixture
+def baseline(imesh: Mesh) -> Iterator[Mesh]:
+    """Reset KV to: web → api allowed, api → db allowed, no mesh config; traffic flowing."""
+
+    def reset() -> None:
+        kv(imesh, "DELETE", "meshd/intentions/", query="?recurse")
+        kv(imesh, "DELETE", "meshd/config/mesh")
+        imesh.meshctl("intention", "create", "web", "api", "--allow")
+        imesh.meshctl("intention", "create", "api", "db", "--allow")
+
+    reset()
+    api, db = imesh.lab.hosts["api"], imesh.lab.hosts["db"]
+    assert wait_outcome(imesh, "web", api.address, API_PORT, ok=True), "web → api never flowed"
+    assert wait_outcome(imesh, "api", db.address, DB_PORT, ok=True), "api → db never flowed"
+    yield imesh
+    reset()
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+
+def test_allowed_traffic_flows_both_hops(baseline: Mesh) -> None:
+    mesh = baseline
+    api, db = mesh.lab.hosts["api"], mesh.lab.hosts["db"]
+    res = mesh.call("web", api.address, API_PORT, PAYLOAD)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[0] == "api" and PAYLOAD.decode() in res.stdout
+    res = mesh.call("api", db.address, DB_PORT, PAYLOAD)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[0] == "db" and PAYLOAD.decode() in res.stdout
+    check = mesh.meshctl("intention", "check", "web", "api", check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    listed = mesh.meshctl("intention", "list").stdout
+    pairs = {tuple(line.split()[:3]) for line in listed.splitlines()[1:]}
+    assert pairs == {("web", "api", "allow"), ("api", "db", "allow")}, listed
+    # Nothing allows web → db: the mesh default (deny) refuses it.
+    assert mesh.meshctl("intention", "check", "web", "db", check=False).returncode == 2
+    assert not wait_outcome(mesh, "web", db.address, DB_PORT, ok=False, timeout_s=3)
+
+
+def test_deny_refuses_new_connections_within_1s_and_closes_open_ones(baseline: Mesh) -> None:
+    mesh = baseline
+    api = mesh.lab.hosts["api"]
+    holder = start_client(mesh, "web", "hold", api.address, API_PORT, limit_s=30)
+    wait_lines(holder, lambda line: line.get("event") == "open", timeout_s=10, what="open hold")
+    poller = start_client(mesh, "web", "poll", api.address, API_PORT, limit_s=8, max_attempts=400)
+    wait_lines(poller, lambda line: line.get("ok") is True, timeout_s=10, what="a polled success")
+
+    deny = IntentionsDocument("api", (SourceIntention(name="web", action=Action.DENY),))
+    key = "meshd/intentions/api"
+    cas = modify_index(mesh, key)
+    written_at = time.time()
+    assert kv(mesh, "PUT", key, render_document(deny), query=f"?cas={cas}").strip() == b"true"
+    acknowledged_at = time.time()
+
+    closed = wait_lines(
+        holder,
+        lambda line: line.get("event") == "closed",
+        timeout_s=OPEN_CONNECTIONS_BUDGET_S + 8,
+        what="the held connection closing",
+    )
+    holder.stop()
+    # Let the poller collect a second of refusals after the change, then stop it.
+    wait_lines(
+        poller,
+        lambda line: line["start"] > written_at + NEW_CONNECTIONS_BUDGET_S + 1.0,
+        timeout_s=10,
+        what="polls after the deny",
+    )
+    poller.stop()
+    polls = [line for line in client_lines(poller) if "ok" in line]
+
+    after = [p for p in polls if p["start"] >= written_at]
+    assert after, polls
+    last_allowed = max((p["start"] for p in after if p["ok"]), default=None)
+    refused = [
+        p for p in after if not p["ok"] and (last_allowed is None or p["start"] > last_allowed)
+    ]
+    assert refused, f"no refusal after the deny: {after}"
+    # Upper bound: the end of the first attempt after which every attempt was refused.
+    new_latency = refused[0]["end"] - written_at
+    closed_at = next(line["t"] for line in closed if line.get("event") == "closed")
+    open_latency = closed_at - written_at
+    print(
+        f"\nKV write (PUT acknowledged after {acknowledged_at - written_at:.3f}s) → "
+        f"new connections refused after {new_latency:.3f}s "
+        f"(last allowed attempt began {(last_allowed or written_at) - written_at:+.3f}s); "
+        f"open connection closed after {open_latency:.3f}s"
+    )
+    assert new_latency < NEW_CONNECTIONS_BUDGET_S, (new_latency, after)
+    assert sum(1 for p in after if p["start"] > written_at + NEW_CONNECTIONS_BUDGET_S) >= 5
+    assert open_latency < OPEN_CONNECTIONS_BUDGET_S, closed
+    assert next(line for line in closed if line.get("event") == "closed")["how"] != "timeout"
+
+    # The api agent says why: the connection was closed by policy, new ones denied.
+    assert agent_events(mesh, "api", "connections_closed_by_policy")
+    inbound = [r for r in agent_events(mesh, "api", "access") if r["direction"] == "inbound"]
+    assert any(r["outcome"] == "closed_by_policy" and r["source"] == "web" for r in inbound)
+    assert any(r["outcome"] == "refused" and "denied" in str(r.get("reason")) for r in inbound)
+    got = mesh.meshctl("intention", "get", "web", "api", "--format", "json")
+    assert json.loads(got.stdout)["Action"] == "deny"
+    assert mesh.meshctl("intention", "check", "web", "api", check=False).returncode == 2
+
+
+def test_deleted_intention_falls_back_to_the_mesh_default(baseline: Mesh, tmp_path: Path) -> None:
+    mesh = baseline
+    api = mesh.lab.hosts["api"]
+    mesh.meshctl("intention", "delete", "web", "api")
+    assert not wait_outcome(mesh, "web", api.address, API_PORT, ok=False), "default deny ignored"
+    # Deleting the last source deleted the document: only the default decides.
+    listed = json.loads(mesh.meshctl("intention", "list", "--format", "json").stdout)
+    assert [r for r in listed["Intentions"] if r["Destination"] == "api"] == []
+
+    allow_all = tmp_path / "mesh.json"
+    allow_all.write_text(json.dumps({"Kind": "mesh", "Version": 1, "DefaultAction": "allow"}))
+    mesh.meshctl("config", "write", "mesh", str(allow_all))
+    assert "allow" in mesh.meshctl("config", "read", "mesh").stdout
+    assert wait_outcome(mesh, "web", api.address, API_PORT, ok=True), "default allow ignored"
+    assert mesh.meshctl("intention", "check", "web", "api", check=False).returncode == 0
+
+    deny_all = tmp_path / "mesh-deny.json"
+    deny_all.write_text(json.dumps({"Kind": "mesh", "Version": 1, "DefaultAction": "deny"}))
+    mesh.meshctl("config", "write", "mesh", str(deny_all))
+    assert not wait_outcome(mesh, "web", api.address, API_PORT, ok=False), "deny again ignored"
+
+
+def test_malformed_document_denies_its_destination_only(baseline: Mesh) -> None:
+    mesh = baseline
+    api, db = mesh.lab.hosts["api"], mesh.lab.hosts["db"]
+    garbage = b'{"Kind": "service-intentions", "Name": "api", "Sources": [{"Name": "web"'
+    assert kv(mesh, "PUT", "meshd/intentions/api", garbage).strip() == b"true"
+
+    assert not wait_outcome(mesh, "web", api.address, API_PORT, ok=False), "malformed widened"
+    # db's document is untouched: api → db keeps flowing, every time.
+    assert all(call_ok(mesh, "api", db.address, DB_PORT) for _ in range(5))
+
+    listed = mesh.meshctl("intention", "list")
+    assert "INVALID api" in listed.stdout, listed.stdout
+    rows = [line.split() for line in listed.stdout.splitlines()]
+    assert rows[1][:3] == ["api", "db", "allow"], listed.stdout
+    as_json = json.loads(mesh.meshctl("intention", "list", "--format", "json").stdout)
+    assert [d["Destination"] for d in as_json["Invalid"]] == ["api"], as_json
+    assert mesh.meshctl("intention", "check", "web", "api", check=False).returncode == 2
+    assert mesh.meshctl("intention", "check", "api", "db", check=False).returncode == 0
+
+    # Loudly: the api agent logs it and counts it in its metrics.
+    assert any(e["destination"] == "api" for e in agent_events(mesh, "api", "invalid_intentions"))
+    metrics = mesh.wait_admin("api", "/metrics")
+    assert 'meshd_config_errors{kind="intentions"} 1.0' in metrics
