@@ -157,6 +157,7 @@ class SnapshotPipeline:
         self._reducer = reducer
         self._send = send
         self._upstream_watches: dict[str, trio.CancelScope] = {}
+        self._reported_unwatched: frozenset[str] = frozenset()
         self._persisted = 0
         self._persist_errors = 0
         self._dropped = 0
@@ -240,6 +241,14 @@ class SnapshotPipeline:
         self, nursery: trio.Nursery, watch_upstream: Callable[[str], Awaitable[None]]
     ) -> None:
         wanted = self._reducer.watch_set()
+        unwatched = self._reducer.statistics().unwatched
+        if unwatched and unwatched != self._reported_unwatched:
+            log.warning(
+                "watching %d upstream services, the cap; not watched: %s",
+                len(wanted),
+                ", ".join(sorted(unwatched)[:20]),
+            )
+        self._reported_unwatched = unwatched
         for name in set(self._upstream_watches) - wanted:
             self._upstream_watches.pop(name).cancel()
         for name in sorted(wanted - set(self._upstream_watches)):

@@ -215,6 +215,28 @@ def test_discovered_upstreams_capped_least_recent_evicted() -> None:
     assert reducer.watch_set() == {"api", "a", "c"}
 
 
+def test_watch_set_is_capped_declared_first_then_intentions_then_discoveries() -> None:
+    many = LocalService("web", "web-1", 8080, upstreams=("d1", "d2", "d3"))
+    reducer = Reducer(local_services=(many,), max_watched=5)
+    for event in fixed_inputs():
+        reducer.apply(event, now=0)
+    reducer.apply(IntentionsChanged({"i2": intention(("web", "allow")),
+                                     "i1": intention(("web", "allow"))}), now=0)  # fmt: skip
+    for name in ("x", "y"):
+        reducer.apply(UpstreamRequested(name), now=0)
+    assert reducer.watch_set() == {"d1", "d2", "d3", "i1", "i2"}
+    assert reducer.statistics().unwatched == {"x", "y"}
+    # Readiness waits only for what is watched, never for what the cap left out.
+    for name in ("d1", "d2", "d3", "i1"):
+        reducer.apply(EndpointsChanged(name, (ep("198.18.0.9"),), 1), now=0)
+    assert not reducer.ready()
+    reducer.apply(EndpointsChanged("i2", (), 1), now=0)
+    assert reducer.ready()
+    small = Reducer(local_services=(many,), max_watched=2)
+    assert small.watch_set() == {"d1", "d2"}  # deterministic: by name within a group
+    assert small.statistics().unwatched == {"d3"}
+
+
 def test_leaving_the_watch_set_drops_endpoints_and_late_results() -> None:
     reducer = ready_reducer()
     reducer.apply(LocalServicesChanged((LocalService("web", "web-1", 8080),)), now=0)

@@ -31,6 +31,11 @@ SERVICE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?")
 
 #: The inputs besides upstream endpoints; all must deliver once before the first snapshot.
 FIXED_INPUTS = frozenset({"mesh_config", "trust_bundle", "intentions"})
+#: Every watched upstream holds one HTTP connection to the local Consul agent, which allows
+#: 200 per client by default (``limits.http_max_conns_per_client``), and a restarted agent's
+#: old connections count for up to about a minute: 80 leaves room for both lives plus the
+#: agent's other requests. Raise Consul's limit before raising this.
+DEFAULT_MAX_WATCHED = 80
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class ReducerStatistics:
     delivered: frozenset[str]
     held: frozenset[str]
     discovered: tuple[str, ...]
+    unwatched: frozenset[str] = frozenset()
 
 
 class IncompleteSnapshot(RuntimeError):
@@ -143,6 +149,7 @@ class Reducer:
         local_services: tuple[LocalService, ...] = (),
         hold_grace_s: float = 30.0,
         max_discovered: int = 64,
+        max_watched: int = DEFAULT_MAX_WATCHED,
         required: frozenset[str] = FIXED_INPUTS,
         previous: Snapshot | None = None,
     ) -> None:
@@ -153,6 +160,8 @@ class Reducer:
             hold_grace_s: how long to keep a service's last good endpoints when a watch
                 reports none passing.
             max_discovered: cap on services watched because the proxy asked for them.
+            max_watched: cap on all watched upstream services (each holds one connection
+                to the local Consul agent); see :data:`DEFAULT_MAX_WATCHED`.
             required: which of :data:`FIXED_INPUTS` must deliver before the first snapshot.
             previous: the snapshot already published (e.g. the persisted one): new
                 versions continue above it, and a first build with the same content
@@ -163,6 +172,8 @@ class Reducer:
         self._local = tuple(local_services)
         self._grace = hold_grace_s
         self._max_discovered = max_discovered
+        self._max_watched = max_watched
+        self._unwatched: frozenset[str] = frozenset()
         self._required = required
         self._delivered: set[str] = set()
         self._mesh: bytes | None = None
@@ -220,14 +231,24 @@ class Reducer:
             del self._endpoints[name]
             self._held_since.pop(name, None)
 
-    def _bounded_upstreams(self) -> frozenset[str]:
-        names = frozenset(s.name for s in self._local)
-        declared = {u for s in self._local for u in s.upstreams}
-        return valid_names(declared | intention_upstreams(self._intentions, names))
-
     def watch_set(self) -> frozenset[str]:
-        """The services whose endpoints must be watched now."""
-        return self._bounded_upstreams() | frozenset(self._discovered)
+        """The services whose endpoints must be watched now, at most ``max_watched``.
+
+        Past the cap, declared upstreams come first, then those intentions imply, then the
+        most recently requested discoveries; each group in name order, so the choice is
+        deterministic. Services left out are reported by :meth:`statistics`.
+        """
+        names = frozenset(s.name for s in self._local)
+        declared = sorted(valid_names(u for s in self._local for u in s.upstreams))
+        implied = sorted(valid_names(intention_upstreams(self._intentions, names)))
+        discovered = list(reversed(self._discovered))
+        ordered = list(dict.fromkeys([*declared, *implied, *discovered]))
+        self._unwatched = frozenset(ordered[self._max_watched :])
+        return frozenset(ordered[: self._max_watched])
+
+    def _awaited(self) -> frozenset[str]:
+        """Watched services that must deliver before the first snapshot (not discoveries)."""
+        return self.watch_set() - frozenset(self._discovered)
 
     def ready(self) -> bool:
         """True once every required input and every declared or intention upstream delivered.
@@ -237,7 +258,7 @@ class Reducer:
         """
         if not self._complete_once:
             fixed = self._required <= self._delivered
-            self._complete_once = fixed and self._bounded_upstreams() <= set(self._endpoints)
+            self._complete_once = fixed and self._awaited() <= set(self._endpoints)
         return self._complete_once
 
     def next_deadline(self) -> float | None:
@@ -258,7 +279,7 @@ class Reducer:
         """
         if not self.ready():
             missing = (self._required - self._delivered) | (
-                self._bounded_upstreams() - set(self._endpoints)
+                self._awaited() - set(self._endpoints)
             )
             raise IncompleteSnapshot(f"snapshot incomplete: waiting for {sorted(missing)}")
         for name, since in list(self._held_since.items()):
@@ -290,4 +311,5 @@ class Reducer:
             delivered=frozenset(self._delivered | set(self._endpoints)),
             held=frozenset(self._held_since),
             discovered=tuple(self._discovered),
+            unwatched=self._unwatched,
         )
