@@ -11,6 +11,7 @@ of :mod:`agent.redirect_probe`.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,11 +57,19 @@ class Change:
     applied: bool
 
 
+def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Our environment minus ``CONSUL_*``: the iptables tools need none of it, and an ACL
+    token given as ``CONSUL_HTTP_TOKEN`` must never reach a child process."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if not k.upper().startswith("CONSUL_")}
+
+
 def _run(argv: list[str], stdin: str | None = None) -> str:
     try:
         proc = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False
-        )
+            argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False,
+            env=child_environment(),
+        )  # fmt: skip
     except FileNotFoundError as exc:
         raise RedirectError(f"{argv[0]} not found: install iptables") from exc
     except subprocess.TimeoutExpired as exc:

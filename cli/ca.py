@@ -18,6 +18,7 @@ import trio
 from cryptography import x509
 
 from meshd import cadir, pki, rotation
+from meshd.config import parse_duration
 from meshd.consul import ConsulSettings, open_consul
 from meshd.errors import MeshdError
 from meshd.identity import IdentityError, check_trust_domain
@@ -25,7 +26,7 @@ from meshd.trustbundle import BundleRoot, RootState, TrustBundle, fingerprint
 
 ROOT_TTL = dt.timedelta(days=3650)
 SIGNING_TTL = dt.timedelta(days=365)
-RELOAD_GRACE = dt.timedelta(hours=1)  # for meshd servers to load the new signing CA
+RELOAD_GRACE_DEFAULT = "1h"  # for meshd servers to load the new signing CA
 NEXT_SIGNING = "next-signing-ca"
 PREVIOUS_SIGNING = "previous-signing-ca"
 
@@ -159,31 +160,67 @@ def _describe(bundle: TrustBundle) -> dict[str, Any]:
     }
 
 
+class _Duration(click.ParamType[dt.timedelta, Any]):
+    """A positive duration (``"24h"``, ``"90s"``); with *bare_hours*, a bare integer is hours
+    (what ``--max-leaf-ttl`` took before it took durations)."""
+
+    name = "duration"
+
+    def __init__(self, *, bare_hours: bool = False) -> None:
+        self._bare_hours = bare_hours
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> dt.timedelta:
+        if isinstance(value, dt.timedelta):
+            return value
+        text = str(value).strip()
+        try:
+            bare = self._bare_hours and text.isdigit()
+            seconds = float(int(text) * 3600) if bare else parse_duration(text)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if seconds <= 0:
+            self.fail("must be positive", param, ctx)
+        return dt.timedelta(seconds=seconds)
+
+
 @ca.command("rotate")
 @dir_option
 @click.option(
     "--max-leaf-ttl",
-    type=click.IntRange(min=1),
-    default=24,
+    type=_Duration(bare_hours=True),
+    default="24h",
     show_default=True,
-    help="Longest leaf lifetime meshd servers issue, in hours (bounds retirement).",
+    help="Longest leaf lifetime meshd servers issue (bounds retirement); e.g. 24h, 72h. "
+    "A bare number is hours.",
+)
+@click.option(
+    "--reload-grace",
+    type=_Duration(),
+    default=RELOAD_GRACE_DEFAULT,
+    show_default=True,
+    help="Time the meshd servers have to load the new signing CA after the switch "
+    "(added to --max-leaf-ttl for retire_after).",
 )
 @kv_prefix_option
-def rotate(directory: Path, max_leaf_ttl: int, kv_prefix: str) -> None:
+def rotate(
+    directory: Path, max_leaf_ttl: dt.timedelta, reload_grace: dt.timedelta, kv_prefix: str
+) -> None:
     """Advance a root rotation by one step; run again for the next.
 
     stable -> new root published -> cross-signed -> signing with the new root -> stable
     (the old root retires only after every leaf it signed has expired).
     """
     key = _bundle_key(kv_prefix)
-    before, after = trio.run(_rotate, directory, dt.timedelta(hours=max_leaf_ttl), key)
+    before, after = trio.run(_rotate, directory, max_leaf_ttl + reload_grace, key)
     click.echo(f"rotation: {before} -> {after}")
     bundle, _ = trio.run(_read_bundle, key)
     for root in bundle.roots:
         click.echo(f"  {root.id[:16]}  {root.state.value}")
 
 
-async def _rotate(directory: Path, max_leaf_ttl: dt.timedelta, key: str) -> tuple[str, str]:
+async def _rotate(directory: Path, old_leaves_for: dt.timedelta, key: str) -> tuple[str, str]:
     bundle, index = await _read_bundle(key)
     phase = rotation.phase_of(bundle)
     now = dt.datetime.now(dt.UTC)
@@ -202,7 +239,7 @@ async def _rotate(directory: Path, max_leaf_ttl: dt.timedelta, key: str) -> tupl
         new_root = cadir.load(directory, cadir.NEXT_ROOT)
         updated = rotation.add_cross_signatures(bundle, active, new_root, now=now)
     elif phase is rotation.Phase.CROSS_SIGNED:
-        updated = _switch(directory, bundle, active, now, max_leaf_ttl)
+        updated = _switch(directory, bundle, active, now, old_leaves_for)
     else:
         updated = rotation.retire_old_root(bundle, now=now)
     await _publish(key, updated, index)
@@ -218,7 +255,7 @@ def _switch(
     bundle: TrustBundle,
     old_root: pki.CertificateAuthority,
     now: dt.datetime,
-    max_leaf_ttl: dt.timedelta,
+    old_leaves_for: dt.timedelta,
 ) -> TrustBundle:
     new_root = cadir.load(directory, cadir.NEXT_ROOT)
     old_signing = cadir.load(directory, cadir.SIGNING)
@@ -231,7 +268,9 @@ def _switch(
     )
     signing = pki.CertificateAuthority(fresh.trust_domain, fresh.cert, fresh.key, cross)
     cadir.save(directory, NEXT_SIGNING, signing, overwrite=True)
-    valid_until = min(now + max_leaf_ttl + RELOAD_GRACE, old_signing.cert.not_valid_after_utc)
+    # Leaves signed under the old hierarchy: before the switch, and by servers that have
+    # not loaded the new signing CA yet (the reload grace), each for at most max_leaf_ttl.
+    valid_until = min(now + old_leaves_for, old_signing.cert.not_valid_after_utc)
     return rotation.switch_signing(
         bundle, now=now, old_leaves_valid_until=valid_until, new_signing_ca=signing.cert
     )

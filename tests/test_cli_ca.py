@@ -43,7 +43,8 @@ def run(consul_agent: ConsulAgentProcess, consul_kv_prefix: str) -> Run:
 def roots_json(run: Run) -> dict[str, Any]:
     result = run("roots", "--format", "json")
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    doc: dict[str, Any] = json.loads(result.output)
+    return doc
 
 
 def kv_bundle(consul_agent: ConsulAgentProcess, prefix: str) -> TrustBundle:
@@ -210,6 +211,29 @@ def test_rotation_step_by_step(
     assert "stable -> new-root-published" in result.output
     assert not (ca_dir / "previous-root-ca.key").exists()
     assert not (ca_dir / "previous-signing-ca.key").exists()
+
+
+def test_rotate_sets_retire_after_from_the_leaf_ttl_and_the_reload_grace(
+    run: Run, tmp_path: Path, consul_agent: ConsulAgentProcess, consul_kv_prefix: str
+) -> None:
+    ca_dir = tmp_path / "ca"
+    assert run("init", "--dir", str(ca_dir), "--trust-domain", TD).exit_code == 0
+    for bad in ("0s", "-1h", "ten", "10"):  # "10" would be fine for --max-leaf-ttl (hours)
+        result = run("rotate", "--dir", str(ca_dir), "--reload-grace", bad)
+        assert result.exit_code == 2, (bad, result.output)
+        assert "--reload-grace" in result.output
+    assert roots_json(run)["phase"] == "stable"  # nothing happened
+    for _ in range(2):
+        assert run("rotate", "--dir", str(ca_dir)).exit_code == 0
+    # A bare number is hours, as before; durations take a unit.
+    result = run("rotate", "--dir", str(ca_dir), "--max-leaf-ttl", "2", "--reload-grace", "30m")
+    assert result.exit_code == 0, result.output
+    retiring = next(
+        r for r in kv_bundle(consul_agent, consul_kv_prefix).roots if r.retire_after is not None
+    )
+    assert retiring.retire_after is not None
+    expected = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2, minutes=30)
+    assert abs((retiring.retire_after - expected).total_seconds()) < 60
 
 
 def test_rotate_refuses_a_directory_that_does_not_match(run: Run, tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ class ServeOptions:
     leader_lock_delay_s: int = 15
     ca_dir: Path | None = None  # re-read during root rotation; None: never reloaded
     ca_poll_s: float = 10.0
+    retire_check_s: float = 60.0  # how often the leader looks whether the old root may retire
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,11 @@ async def serve_meshd(
     )
     if duties is None:
         duties = functools.partial(
-            serve_leader_duties, consul, f"{prefix}ca/bundle", wall_clock=wall_clock
+            serve_leader_duties,
+            consul,
+            f"{prefix}ca/bundle",
+            every_s=options.retire_check_s,
+            wall_clock=wall_clock,
         )
     listeners = await trio.open_tcp_listeners(options.listen_port, host=options.listen_host)
     port = listeners[0].socket.getsockname()[1]
