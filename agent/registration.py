@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -318,6 +318,7 @@ async def serve_registration(
     check_host: str = "127.0.0.1",
     ttl_s: float = 15.0,
     anti_entropy_s: float = 30.0,
+    services_ready: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[Registrar] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Register the services and the agent, then keep them registered until cancelled.
@@ -336,15 +337,27 @@ async def serve_registration(
         check_host: where Consul's checks reach applications without an address.
         ttl_s: TTL of the agent's check; it is passed every ``ttl_s / 3``.
         anti_entropy_s: period of the full re-registration.
+        services_ready: awaited before the services (not the agent) are first registered,
+            so Consul sends no caller to an instance whose proxy cannot serve it yet.
         task_status: started with the :class:`Registrar`.
     """
     agent = agent_registration(
         service_id=agent_service_id, admin_port=admin_port, address=address, ttl_s=ttl_s
     )
     registrar = Registrar(consul, agent, inbound_port=inbound_port, check_host=check_host)
+    if services_ready is not None:
+        await registrar.sync(())  # the agent itself at once
+        await registrar.pass_ttls()
+        task_status.started(registrar)
+        while True:  # keep the agent's own TTL check passing meanwhile
+            with trio.move_on_after(registrar.ttl_interval()):
+                await services_ready()
+                break
+            await registrar.pass_ttls()
     await registrar.sync(services)
     await registrar.pass_ttls()
-    task_status.started(registrar)
+    if services_ready is None:
+        task_status.started(registrar)
     next_full = trio.current_time() + anti_entropy_s
     while True:
         await trio.sleep(min(registrar.ttl_interval(), max(0.0, next_full - trio.current_time())))

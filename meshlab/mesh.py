@@ -171,11 +171,17 @@ class Mesh:
         url = f"http://127.0.0.1:{ADMIN_PORT}{path}"
         return self.hosts[name].host.run(["curl", "-sf", "--max-time", "5", url], check=False)
 
-    def start_app(self, name: str, port: int, *, mode: str = "whoami") -> Process:
-        """Start the unchanged echo application on host *name*, as the app user."""
+    def start_app(
+        self, name: str, port: int, *, mode: str = "whoami", log_connections: bool = False
+    ) -> Process:
+        """Start the unchanged echo application on host *name*, as the app user.
+
+        With *log_connections* the app logs one ``conn <peer> bytes=<n>`` line per connection.
+        """
         mh = self.hosts[name]
         argv = as_app_user(
             [APP_PYTHON, str(ECHO_APP), "--port", str(port), "--mode", mode, "--name", name]
+            + (["--log-connections"] if log_connections else [])
         )
         proc = mh.host.spawn(f"app{port}", argv)
         deadline = time.monotonic() + 10

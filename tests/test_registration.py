@@ -192,3 +192,39 @@ async def test_reregisters_after_consul_restart(
         stats = registrar.statistics()
         assert stats.errors >= 1 and stats.full_passes >= 1  # restored by the TTL path
         nursery.cancel_scope.cancel()
+
+
+async def test_services_wait_for_services_ready_while_the_agent_registers_at_once(
+    consul_agent: ConsulAgentProcess,
+) -> None:
+    # The agent gates its services on their certificates: until the gate opens, Consul
+    # must not list them (no caller is sent to a proxy that cannot serve), the agent's own
+    # registration and TTL go ahead regardless.
+    uid = uuid.uuid4().hex[:8]
+    web = svc(f"gated-{uid}", 9999)
+    gate = trio.Event()
+    async with open_consul(consul_agent.settings()) as consul, trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: serve_registration(
+                consul,
+                [web],
+                agent_service_id=f"agent-{uid}",
+                admin_port=15000,
+                ttl_s=0.6,
+                services_ready=gate.wait,
+                task_status=task_status,
+            )
+        )
+        for _ in range(3):  # across several TTL periods
+            services = await local_services(consul_agent)
+            assert f"agent-{uid}" in services and web.id not in services
+            checks = await local_checks(consul_agent)
+            assert checks[f"agent-{uid}:ttl"]["Status"] == "passing"
+            await trio.sleep(0.5)
+        gate.set()
+
+        async def registered() -> bool:
+            return web.id in await local_services(consul_agent)
+
+        await wait_until(registered)
+        nursery.cancel_scope.cancel()
