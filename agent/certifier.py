@@ -45,7 +45,7 @@ from meshd.renewal import Phase, backoff, next_check, phase, renew_at
 from meshd.signapi import SignRequest, SignResponse
 from meshd.trustbundle import TrustBundle
 
-log = logging.getLogger("agent.certifier")
+log = logging.getLogger("meshd.agent.certifier")
 Endpoints = Callable[[], Awaitable[Sequence[Endpoint]]]
 
 
@@ -158,6 +158,11 @@ class Certifier:
         if cert is None or self._clock() >= cert.not_after:
             return None
         return cert
+
+    async def wait_ready(self) -> None:
+        """Return once every local service has a certificate to present."""
+        while any(self.current(service) is None for service in self._states):
+            await self.changed.wait()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep every service's certificate fresh, forever.

@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 import trio
 
 from agent.netio import connect_tcp, peek
-from agent.origdst import OriginalDestinationError, original_destination
-from agent.proxycore import ProxyDeps, finish, peer_of, refuse
-from agent.pump import Connection, PlainConnection, pump
+from agent.proxycore import ProxyDeps, destination_or_reject, finish, peer_of, reject
+from agent.pump import Connection, PlainConnection
 from agent.tlsconn import TLSHandshakeError, handshake
 from meshd.dataplane import DataPlaneView
 from meshd.meshconfig import MTLSMode
-from meshd.peer import PeerRejected, verify_peer
+from meshd.peer import PeerRejected
 from meshd.snapshot import LocalService
 
 DIRECTION = "inbound"
@@ -75,26 +74,16 @@ async def handle_inbound(deps: ProxyDeps, conns: OpenConnections, conn: socket.s
     """Serve one connection to a meshed port; owns and always closes *conn*."""
     started = trio.current_time()
     client = peer_of(conn)
-    try:
-        address, port = original_destination(conn)
-    except OriginalDestinationError as exc:
-        refuse(conn)
-        finish(
-            deps,
-            direction=DIRECTION,
-            source=client,
-            destination="?",
-            started=started,
-            outcome="no_original_destination",
-            reason=str(exc),
-        )
+    found = destination_or_reject(deps, conn, direction=DIRECTION, client=client, started=started)
+    if found is None:
         return
+    address, port = found
     view = deps.view()
     local = view.snapshot.local_service_on(port) if view is not None else None
     if view is None or local is None:
-        refuse(conn)
-        finish(
+        reject(
             deps,
+            conn,
             direction=DIRECTION,
             source=client,
             destination=f"{address}:{port}",
@@ -104,9 +93,9 @@ async def handle_inbound(deps: ProxyDeps, conns: OpenConnections, conn: socket.s
         return
     accepted = await _accept(deps, view, local, conn, client)
     if isinstance(accepted, str):
-        refuse(conn)
-        finish(
+        reject(
             deps,
+            conn,
             direction=DIRECTION,
             source=client,
             destination=local.name,
@@ -160,8 +149,11 @@ async def _terminate_tls(
     except TLSHandshakeError as exc:
         deps.metrics.tls_failures.labels(DIRECTION, "handshake").inc()
         return str(exc)
+    deps.metrics.tls_handshakes.labels(DIRECTION, "yes" if tls.session_reused else "no").inc()
     try:
-        peer = verify_peer(
+        # Every connection, resumed ones too: a ticket brings back the leaf of the first
+        # handshake, verified here again against the current bundle and clock.
+        peer = deps.peers.verify(
             tls.peer_chain_der(),
             view.bundle,
             role="client",
@@ -173,7 +165,7 @@ async def _terminate_tls(
         tls.abort()
         deps.metrics.tls_failures.labels(DIRECTION, "peer_identity").inc()
         return str(exc)
-    return tls, peer.service
+    return tls, peer.identity.service
 
 
 async def _forward(
@@ -209,7 +201,9 @@ async def _forward(
     result = None
     try:
         with entry.scope:
-            result = await pump(downstream, PlainConnection(app), idle_timeout=deps.timeouts.idle)
+            result = await deps.pump(
+                downstream, PlainConnection(app), idle_timeout=deps.timeouts.idle
+            )
     finally:
         conns.remove(entry)
     outcome = "closed_by_policy" if entry.scope.cancelled_caught else "closed"

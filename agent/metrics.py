@@ -46,6 +46,12 @@ class AgentMetrics:
             ("direction", "stage"),
             registry=r,
         )
+        self.tls_handshakes = Counter(
+            "meshd_tls_handshakes",
+            "Completed TLS handshakes by direction and whether a session was resumed (yes|no).",
+            ("direction", "resumed"),
+            registry=r,
+        )
         self.authz_denied = Counter(
             "meshd_authz_denied",
             "Connections refused by intentions, by source and destination.",

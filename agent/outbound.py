@@ -18,13 +18,12 @@ import ssl
 import trio
 
 from agent.netio import connect_tcp
-from agent.origdst import OriginalDestinationError, original_destination
-from agent.proxycore import ProxyDeps, finish, peer_of, refuse
-from agent.pump import PlainConnection, pump
+from agent.proxycore import ProxyDeps, destination_or_reject, finish, peer_of, reject
+from agent.pump import PlainConnection
 from agent.tlsconn import TLSConnection, TLSHandshakeError, handshake
 from meshd.dataplane import DataPlaneView
 from meshd.meshconfig import OutboundPolicy
-from meshd.peer import PeerRejected, verify_peer
+from meshd.peer import PeerRejected
 from meshd.snapshot import Endpoint
 
 DIRECTION = "outbound"
@@ -34,26 +33,16 @@ async def handle_outbound(deps: ProxyDeps, conn: socket.socket) -> None:
     """Serve one intercepted connection; owns and always closes *conn*."""
     started = trio.current_time()
     client = peer_of(conn)
-    try:
-        address, port = original_destination(conn)
-    except OriginalDestinationError as exc:
-        refuse(conn)
-        finish(
-            deps,
-            direction=DIRECTION,
-            source=client,
-            destination="?",
-            started=started,
-            outcome="no_original_destination",
-            reason=str(exc),
-        )
+    found = destination_or_reject(deps, conn, direction=DIRECTION, client=client, started=started)
+    if found is None:
         return
+    address, port = found
     view = deps.view()
     target = f"{address}:{port}"
     if view is None:
-        refuse(conn)
-        finish(
+        reject(
             deps,
+            conn,
             direction=DIRECTION,
             source=client,
             destination=target,
@@ -80,9 +69,9 @@ async def _unknown_destination(
     target = f"{address}:{port}"
     source = peer_of(conn)
     if view.mesh.outbound_policy != OutboundPolicy.ALLOW_ANY:
-        refuse(conn)
-        finish(
+        reject(
             deps,
+            conn,
             direction=DIRECTION,
             source=source,
             destination=target,
@@ -93,9 +82,9 @@ async def _unknown_destination(
     try:
         upstream = await connect_tcp(address, port, timeout=deps.timeouts.connect)
     except (OSError, trio.TooSlowError) as exc:
-        refuse(conn)
-        finish(
+        reject(
             deps,
+            conn,
             direction=DIRECTION,
             source=source,
             destination=target,
@@ -104,7 +93,7 @@ async def _unknown_destination(
             reason=str(exc) or type(exc).__name__,
         )
         return
-    result = await pump(
+    result = await deps.pump(
         PlainConnection(conn), PlainConnection(upstream), idle_timeout=deps.timeouts.idle
     )
     finish(
@@ -130,9 +119,9 @@ async def _to_mesh_service(
         ctx = deps.tls.context("client", local.name, view.bundle)
         reason = None if ctx is not None else f"no valid certificate for {local.name}"
     if reason is not None or ctx is None or local is None:
-        refuse(conn)
-        finish(
+        reject(
             deps,
+            conn,
             direction=DIRECTION,
             source=client,
             destination=service,
@@ -143,9 +132,9 @@ async def _to_mesh_service(
         return
     upstream = await _dial(deps, view, service, ctx)
     if isinstance(upstream, str):
-        refuse(conn)
-        finish(
+        reject(
             deps,
+            conn,
             direction=DIRECTION,
             source=local.name,
             destination=service,
@@ -154,7 +143,7 @@ async def _to_mesh_service(
             reason=upstream,
         )
         return
-    result = await pump(PlainConnection(conn), upstream, idle_timeout=deps.timeouts.idle)
+    result = await deps.pump(PlainConnection(conn), upstream, idle_timeout=deps.timeouts.idle)
     finish(
         deps,
         direction=DIRECTION,
@@ -208,15 +197,26 @@ async def _secure(
     endpoint: Endpoint,
 ) -> TLSConnection | str:
     assert view.bundle is not None  # _cannot_dial checked it
+    key = (endpoint.address, endpoint.port)
+    # A session from this very context, if a ticket is at hand: resumption skips the
+    # certificate exchange and signatures, never the peer check below (docs/adr/008).
+    session = deps.sessions.session_for(ctx, service, key, deps.wall_clock())
     try:
         tls = await handshake(
-            sock, ctx, server_side=False, server_hostname=service, timeout=deps.timeouts.handshake
+            sock,
+            ctx,
+            server_side=False,
+            server_hostname=service,
+            timeout=deps.timeouts.handshake,
+            session=session,
         )
     except TLSHandshakeError as exc:
+        deps.sessions.forget(service, key)
         deps.metrics.tls_failures.labels(DIRECTION, "handshake").inc()
         return str(exc)
+    deps.metrics.tls_handshakes.labels(DIRECTION, "yes" if tls.session_reused else "no").inc()
     try:
-        verify_peer(
+        verified = deps.peers.verify(
             tls.peer_chain_der(),
             view.bundle,
             role="server",
@@ -227,6 +227,10 @@ async def _secure(
     except PeerRejected as exc:
         # Nothing was written yet: the application's bytes never reach the wrong peer.
         tls.abort()
+        deps.sessions.forget(service, key)
         deps.metrics.tls_failures.labels(DIRECTION, "peer_identity").inc()
-        return f"{endpoint.address}:{endpoint.port}: {exc}"
+        return f"{endpoint.address}:{endpoint.port}: peer identity rejected: {exc}"
+    deps.sessions.connected(
+        ctx, service, key, tls.ssl_object, verified.valid_until, deps.wall_clock()
+    )
     return tls

@@ -14,15 +14,19 @@ import datetime as dt
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 from agent.accesslog import JsonLog
 from agent.metrics import AgentMetrics
-from agent.pump import PumpResult
+from agent.origdst import OriginalDestinationError, original_destination
+from agent.pump import PumpFunction, PumpResult, pump
 from agent.tlscontexts import TLSContexts
+from agent.tlssessions import SessionCache
 from meshd.balancer import RoundRobin
 from meshd.dataplane import DataPlaneView
+from meshd.peer import PeerVerifier
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ class ProxyDeps:
         wall_clock: "now" for certificate validity (injectable for tests).
         on_unknown_destination: told about original destinations the snapshot cannot map,
             so the agent can discover them on demand.
+        sessions: the outbound proxy's TLS sessions, to resume instead of a full handshake.
+        peers: peer verification with a memory of chains that passed (both proxies).
+        pump: copies the bytes of established connections: :func:`agent.pump.pump`, or
+            ``PumpEngine.pump`` of a running epoll engine (``[proxy] engine``).
     """
 
     view: Callable[[], DataPlaneView | None]
@@ -59,6 +67,9 @@ class ProxyDeps:
     balancer: RoundRobin = field(default_factory=RoundRobin)
     wall_clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
     on_unknown_destination: Callable[[str, int], None] = field(default=lambda _a, _p: None)
+    sessions: SessionCache = field(default_factory=SessionCache)
+    peers: PeerVerifier = field(default_factory=PeerVerifier)
+    pump: PumpFunction = pump
 
 
 def peer_of(sock: socket.socket) -> str:
@@ -75,6 +86,32 @@ def refuse(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     sock.close()
+
+
+def reject(deps: ProxyDeps, conn: socket.socket, **record: Any) -> None:
+    """Refuse *conn* (reset) and record it: :func:`refuse` then :func:`finish`."""
+    refuse(conn)
+    finish(deps, **record)
+
+
+def destination_or_reject(
+    deps: ProxyDeps, conn: socket.socket, *, direction: str, client: str, started: float
+) -> tuple[str, int] | None:
+    """The connection's original destination; None after rejecting one that has none."""
+    try:
+        return original_destination(conn)
+    except OriginalDestinationError as exc:
+        reject(
+            deps,
+            conn,
+            direction=direction,
+            source=client,
+            destination="?",
+            started=started,
+            outcome="no_original_destination",
+            reason=str(exc),
+        )
+        return None
 
 
 def finish(

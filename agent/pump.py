@@ -55,6 +55,13 @@ class Connection(Protocol):
         """Close with a reset."""
 
 
+class PumpFunction(Protocol):
+    """What proxies call to pump a connection: :func:`pump` or ``PumpEngine.pump``."""
+
+    async def __call__(self, a: Connection, b: Connection, *, idle_timeout: float) -> PumpResult:
+        """Copy both ways until both directions end; close both (see :func:`pump`)."""
+
+
 @dataclass(frozen=True)
 class PumpResult:
     """What one pumped connection did; one access-log line's worth."""
@@ -81,6 +88,10 @@ class PlainConnection:
     def fileno(self) -> int:
         """The socket's file descriptor."""
         return self._sock.fileno()
+
+    def hand_over(self) -> socket.socket:
+        """Give the socket to another owner (the epoll pump engine); do not use this after."""
+        return self._sock
 
     async def recv_into(self, buf: memoryview) -> int:
         """Read into ``buf``; 0 at EOF. Raises ``ConnectionResetError`` on RST."""

@@ -37,6 +37,7 @@ def run_cmd(config_path: Path) -> None:
     options = AgentOptions(
         config=config,
         services=services,
+        close_denied=config.proxy.close_denied,
         meshd_endpoints=(
             endpoints_from_addresses(config.meshd.addresses) if config.meshd.addresses else None
         ),

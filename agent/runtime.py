@@ -18,10 +18,12 @@ redirected connection is refused, never delivered to an application unproxied. O
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import signal
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,13 @@ from agent.accesslog import JsonLog
 from agent.admin import AdminSources, serve_admin
 from agent.certifier import Certifier, CertifierSettings, Endpoints
 from agent.discovery import DestinationResolver, consul_lookup, serve_discovery
+from agent.epollpump import open_pump_engine
 from agent.inbound import OpenConnections, handle_inbound
 from agent.listener import inherited_sockets, open_listener, serve_accept_loop
 from agent.metrics import AgentMetrics
 from agent.outbound import handle_outbound
 from agent.proxycore import ProxyDeps, ProxyTimeouts
+from agent.pump import PumpFunction, pump
 from agent.registration import Registrar, serve_registration
 from agent.signclient import Endpoint
 from agent.snapshots import SnapshotPipeline, local_services_from_config, serve_snapshots
@@ -104,7 +108,7 @@ async def serve_agent(
     cfg = options.config
     metrics = AgentMetrics()
     views = ViewCache(prefix=cfg.consul.kv_prefix)
-    async with trio.open_nursery() as background:
+    async with _open_pump(cfg.proxy.engine) as pump_fn, trio.open_nursery() as background:
         pipeline: SnapshotPipeline = await background.start(
             functools.partial(
                 serve_snapshots,
@@ -112,17 +116,6 @@ async def serve_agent(
                 prefix=cfg.consul.kv_prefix,
                 local_services=local_services_from_config(options.services),
                 state_dir=Path(cfg.agent.state_dir),
-            )
-        )
-        registrar: Registrar = await background.start(
-            functools.partial(
-                serve_registration,
-                consul,
-                options.services,
-                agent_service_id=f"meshd-agent-{cfg.agent.node_name}",
-                admin_port=cfg.proxy.admin_port,
-                inbound_port=cfg.proxy.inbound_port,
-                address=options.agent_address,
             )
         )
 
@@ -142,6 +135,19 @@ async def serve_agent(
             registry=metrics.registry,
         )
         await background.start(certifier.serve)
+        registrar: Registrar = await background.start(
+            functools.partial(
+                serve_registration,
+                consul,
+                options.services,
+                agent_service_id=f"meshd-agent-{cfg.agent.node_name}",
+                admin_port=cfg.proxy.admin_port,
+                inbound_port=cfg.proxy.inbound_port,
+                address=options.agent_address,
+                # Callers reach a service only once its proxy can present its certificate.
+                services_ready=certifier.wait_ready,
+            )
+        )
         resolver: DestinationResolver = await background.start(
             functools.partial(serve_discovery, consul_lookup(consul), pipeline.request_upstream)
         )
@@ -152,6 +158,7 @@ async def serve_agent(
             log=log,
             timeouts=ProxyTimeouts(connect=cfg.proxy.connect_timeout, idle=cfg.proxy.idle_timeout),
             on_unknown_destination=resolver.notify_unknown,
+            pump=pump_fn,
         )
         conns = OpenConnections()
         admin_port = await background.start(
@@ -266,6 +273,16 @@ async def _serve_policy_enforcement(
             closed = conns.close_denied(view)
             if closed:
                 log.event("connections_closed_by_policy", count=closed, version=version)
+
+
+@contextlib.asynccontextmanager
+async def _open_pump(engine: str) -> AsyncIterator[PumpFunction]:
+    """The pump for ``[proxy] engine``; an epoll engine lives as long as the agent."""
+    if engine == "epoll":
+        async with open_pump_engine() as eng:
+            yield eng.pump
+    else:
+        yield pump
 
 
 def _discover_meshd(consul: ConsulClient) -> Endpoints:

@@ -26,11 +26,12 @@ import contextlib
 import socket
 import ssl
 import struct
-from typing import cast
+from typing import NamedTuple, cast
 
 import trio
 
 from meshd.errors import MeshdError
+from meshd.peer import peer_chain_der
 
 _RAW_BUFFER = 65536
 # SO_LINGER on, timeout 0: close() sends RST instead of FIN.
@@ -82,6 +83,22 @@ def close_socket(sock: socket.socket) -> None:
     sock.close()
 
 
+class TLSState(NamedTuple):
+    """A TLS session's state after the handshake, as :meth:`TLSConnection.hand_over` gives it.
+
+    ``incoming`` may hold received ciphertext and ``outgoing`` unsent ciphertext; ``stash``
+    holds plaintext decrypted early by ``send_eof`` and ``stash_end`` what ended it.
+    """
+
+    sock: socket.socket
+    obj: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+    stash: bytearray
+    stash_end: BaseException | None
+    eof_sent: bool
+
+
 class TLSConnection:
     """A TLS session over a non-blocking socket, with the pump's connection interface.
 
@@ -111,20 +128,44 @@ class TLSConnection:
         return self._raw.fileno()
 
     def peer_chain_der(self) -> tuple[bytes, ...]:
-        """The peer's certificates as DER, leaf first.
+        """The certificates the peer presented as DER, leaf first (see
+        :func:`meshd.peer.peer_chain_der`).
 
-        On Python 3.11 only the leaf is available; the context's ``CERT_REQUIRED`` has already
-        verified it chains to the trust bundle. On 3.13+ the whole verified chain is returned.
+        The whole presented chain, not just the leaf: during a root rotation a peer's leaf
+        comes from a signing CA our bundle may not list yet, and only the chain it presents
+        (signing CA plus cross certificate) connects it to a root we trust. A resumed
+        session may carry no chain; then the leaf alone (the bundle supplies the rest).
         """
-        chain_getter = getattr(self._obj, "get_verified_chain", None)
-        if chain_getter is not None:  # Python >= 3.13
-            return tuple(bytes(c) for c in chain_getter())
+        chain = peer_chain_der(self._obj)
+        if chain:
+            return chain
         leaf = self._obj.getpeercert(binary_form=True)
         return (leaf,) if leaf else ()
 
     def version(self) -> str | None:
         """The negotiated protocol version, e.g. ``"TLSv1.3"``."""
         return self._obj.version()
+
+    @property
+    def session_reused(self) -> bool:
+        """True if the handshake resumed the session offered to :func:`handshake`."""
+        return self._obj.session_reused
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject:
+        """The underlying ``SSLObject``, for reading its ``session`` (client side).
+
+        TLS 1.3 tickets arrive after the handshake and are taken in by the first reads, so
+        ``ssl_object.session`` gains a ticket only once data has been received. Never read or
+        write through it: the connection owns its state.
+        """
+        return self._obj
+
+    def hand_over(self) -> TLSState:
+        """Give the session, with any bytes already buffered, to another owner (the epoll
+        pump engine). Do not use this connection afterwards."""
+        return TLSState(self._raw, self._obj, self._in, self._out, self._stash,
+                        self._stash_end, self._eof_sent)  # fmt: skip
 
     async def recv_into(self, buf: memoryview) -> int:
         """Read decrypted bytes into ``buf``; return how many, 0 at the peer's ``close_notify``.
@@ -297,6 +338,7 @@ async def handshake(
     server_side: bool,
     server_hostname: str | None = None,
     timeout: float,
+    session: ssl.SSLSession | None = None,
 ) -> TLSConnection:
     """Run a TLS handshake on a connected socket and return the session.
 
@@ -312,6 +354,10 @@ async def handshake(
         server_side: True to accept, False to connect.
         server_hostname: the SNI to send (client side only).
         timeout: seconds the whole handshake may take.
+        session: a session from an earlier connection made with the same ``ctx`` to the
+            same server, to resume (client side only). The server may decline it, and then
+            a full handshake runs: see :attr:`TLSConnection.session_reused`. Python refuses
+            (``ValueError``) a session that belongs to another context.
 
     Raises:
         TLSHandshakeError: verification failed, the peer went away, or the timeout expired.
@@ -319,8 +365,12 @@ async def handshake(
     sock.setblocking(False)
     _set_nodelay(sock)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_side=server_side,
-                       server_hostname=server_hostname)  # fmt: skip
+    try:
+        obj = ctx.wrap_bio(incoming, outgoing, server_side=server_side,
+                           server_hostname=server_hostname, session=session)  # fmt: skip
+    except BaseException:  # e.g. ValueError: a session of another context
+        abort_socket(sock)
+        raise
     conn = TLSConnection(sock, obj, incoming, outgoing)
     peer = _peer_name(sock)
     try:

@@ -3,9 +3,9 @@
     python -m bench.meshd_pair {fast|naive} {outbound|inbound} --listen H:P --upstream H:P \
         --ca CA.pem --cert LEAF.pem
 
-* ``fast``: the project's L4 path, ``agent.pump.pump`` over ``agent.pump.PlainConnection`` and
-  ``agent.tlsconn.handshake`` (non-blocking sockets, ``ssl.SSLObject`` driven on trio's
-  readiness). Outbound: plaintext in, mTLS out; inbound: mTLS in, plaintext out.
+* ``fast``: the agent's L4 path: ``agent.tlsconn.handshake`` and the pump engine the agent
+  uses by default (``--engine epoll``: ``agent.epollpump``; ``--engine trio``:
+  ``agent.pump.pump``). Outbound: plaintext in, mTLS out; inbound: mTLS in, plaintext out.
 * ``naive``: the baseline the issue quotes: ``trio.serve_tcp`` + ``trio.SSLStream`` and a
   two-task ``receive_some``/``send_all`` copy loop.
 
@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import socket
 import ssl
 import sys
+from typing import Any
 
 import trio
 
@@ -49,9 +51,28 @@ def make_context(role: str, ca: str, cert: str) -> ssl.SSLContext:
 # ---------------------------------------------------------------------------------- fast
 
 
-async def _serve_fast(role: str, listen: tuple[str, int], upstream: tuple[str, int],
-                      ctx: ssl.SSLContext) -> None:  # fmt: skip
-    from agent.pump import PlainConnection, pump
+async def _serve_fast(
+    role: str,
+    listen: tuple[str, int],
+    upstream: tuple[str, int],
+    ctx: ssl.SSLContext,
+    engine_name: str = "epoll",
+) -> None:
+    """The agent's own data path; *engine_name* as ``[proxy] engine`` (default: epoll)."""
+    from agent.epollpump import open_pump_engine
+    from agent.pump import pump
+
+    if engine_name == "epoll":
+        async with open_pump_engine() as engine:
+            await _serve_fast_with(role, listen, upstream, ctx, engine.pump)
+    else:
+        await _serve_fast_with(role, listen, upstream, ctx, pump)
+
+
+async def _serve_fast_with(
+    role: str, listen: tuple[str, int], upstream: tuple[str, int], ctx: ssl.SSLContext, pump: Any
+) -> None:
+    from agent.pump import PlainConnection
     from agent.tlsconn import handshake
 
     async def connect() -> socket.socket:
@@ -102,8 +123,9 @@ async def _serve_fast(role: str, listen: tuple[str, int], upstream: tuple[str, i
 # --------------------------------------------------------------------------------- naive
 
 
-async def _serve_naive(role: str, listen: tuple[str, int], upstream: tuple[str, int],
-                       ctx: ssl.SSLContext) -> None:  # fmt: skip
+async def _serve_naive(
+    role: str, listen: tuple[str, int], upstream: tuple[str, int], ctx: ssl.SSLContext
+) -> None:
     async def copy(src: trio.abc.Stream, dst: trio.abc.Stream, done: trio.CancelScope) -> None:
         try:
             while data := await src.receive_some(65536):
@@ -148,9 +170,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--upstream", type=_addr, required=True)
     p.add_argument("--ca", required=True)
     p.add_argument("--cert", required=True)
+    p.add_argument(
+        "--engine",
+        choices=["epoll", "trio"],
+        default="epoll",
+        help="the fast path's pump engine, as [proxy] engine (default: epoll)",
+    )
     args = p.parse_args(argv)
     ctx = make_context(args.role, args.ca, args.cert)
-    serve = _serve_fast if args.impl == "fast" else _serve_naive
+    serve: Any = (
+        functools.partial(_serve_fast, engine_name=args.engine)
+        if args.impl == "fast"
+        else _serve_naive
+    )
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(serve, args.role, args.listen, args.upstream, ctx)
 

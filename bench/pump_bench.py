@@ -1,4 +1,4 @@
-"""Micro-benchmark: naive trio.SSLStream proxy pair vs. agent.pump, side by side.
+"""Micro-benchmark: naive trio.SSLStream proxy pair vs. agent.pump (trio and epoll engines).
 
 Topology per system, every piece its own process, all on 127.0.0.1:
 
@@ -11,11 +11,15 @@ send time (no coordinated omission). CPU per request is each proxy process's CPU
 (``CLOCK_PROCESS_CPUTIME_ID`` of the pid, ns resolution) over the measured window, divided by
 the requests in it. Systems are measured interleaved, several rounds, medians reported.
 
-    .venv/bin/python bench/pump_bench.py                # ~35 s: direct, naive, fast
-    .venv/bin/python bench/pump_bench.py --consul       # ~55 s: + a `consul connect proxy` pair
+    .venv/bin/python bench/pump_bench.py                # ~45 s: direct, naive, fast, epoll
+    .venv/bin/python bench/pump_bench.py --consul --no-naive  # direct, consul, fast, epoll
+    .venv/bin/python bench/pump_bench.py --consul --no-naive --engine epoll --rounds 7
     .venv/bin/python bench/pump_bench.py --rate 2000 --seconds 3 --rounds 3
     .venv/bin/python bench/pump_bench.py --profile      # cProfile the fast proxies only
     .venv/bin/python bench/pump_bench.py --floor        # CPU per wakeup: trio vs. bare epoll
+
+``fast`` is agent.pump on trio; ``epoll`` is the same connections pumped by
+agent.epollpump's engine thread (``[proxy] engine = "epoll"``).
 
 Bounded: every run has a request count and a wall-clock limit; total ≤ 60 s by default.
 """
@@ -34,7 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -119,9 +123,10 @@ async def serve_naive_proxy(role: str, target: int, certdir: Path) -> None:
     await trio.serve_listeners(handle, [listener])
 
 
-async def serve_fast_proxy(role: str, target: int, certdir: Path) -> None:
-    """agent.tlsconn + agent.pump, as the real proxies will use them."""
-    from agent.pump import Connection, PlainConnection, pump
+async def serve_fast_proxy(role: str, target: int, certdir: Path, engine: bool = False) -> None:
+    """agent.tlsconn + agent.pump (or the epoll engine), as the real proxies use them."""
+    from agent.epollpump import open_pump_engine
+    from agent.pump import Connection, PlainConnection, PumpFunction, pump
     from agent.tlsconn import TLSHandshakeError, handshake
 
     server_ctx, client_ctx = _contexts(certdir)
@@ -138,16 +143,20 @@ async def serve_fast_proxy(role: str, target: int, certdir: Path) -> None:
             return PlainConnection(down), tls
         return await handshake(down, server_ctx, server_side=True, timeout=10), PlainConnection(up)
 
-    async def handle(accepted: trio.socket.SocketType) -> None:
+    async def handle(accepted: trio.socket.SocketType, pump_fn: PumpFunction) -> None:
         with contextlib.suppress(TLSHandshakeError, OSError):  # one bad peer is not fatal
             a, b = await connect(accepted)
-            await pump(a, b, idle_timeout=120)
+            await pump_fn(a, b, idle_timeout=120)
 
-    listener = await _listen()
-    async with trio.open_nursery() as nursery:
-        while True:
-            accepted, _ = await listener.accept()
-            nursery.start_soon(handle, accepted)
+    async with contextlib.AsyncExitStack() as stack:
+        pump_fn: PumpFunction = pump
+        if engine:
+            pump_fn = (await stack.enter_async_context(open_pump_engine())).pump
+        listener = await _listen()
+        async with trio.open_nursery() as nursery:
+            while True:
+                accepted, _ = await listener.accept()
+                nursery.start_soon(handle, accepted, pump_fn)
 
 
 async def serve_echo_trio() -> None:
@@ -178,7 +187,7 @@ def serve_echo_epoll() -> None:
 
 def child_main(argv: list[str]) -> None:
     """Entry point of the child processes: upstream | echo-trio | echo-epoll |
-    naive|fast outbound|inbound TARGET DIR [PSTATS]."""
+    naive|fast|epoll outbound|inbound TARGET DIR [PSTATS]."""
     kind = argv[0]
     if kind in ("upstream", "echo-trio", "echo-epoll"):
         if kind == "echo-epoll":
@@ -187,7 +196,9 @@ def child_main(argv: list[str]) -> None:
             trio.run(serve_upstream if kind == "upstream" else serve_echo_trio)
         return
     role, target, certdir = argv[1], int(argv[2]), Path(argv[3])
-    serve = serve_naive_proxy if kind == "naive" else serve_fast_proxy
+    serve: Callable[..., Awaitable[None]] = serve_naive_proxy
+    if kind != "naive":
+        serve = partial(serve_fast_proxy, engine=kind == "epoll")
     if len(argv) > 4:  # --profile: dump stats on SIGTERM
         import cProfile
         import signal
@@ -206,7 +217,8 @@ def child_main(argv: list[str]) -> None:
 
 # ---------------------------------------------------------------- parent: load and figures
 
-SYSTEMS = ("direct", "consul", "naive", "fast")
+SYSTEMS = ("direct", "consul", "naive", "fast", "epoll")
+MESHD = ("fast", "epoll")
 WARMUP = 20  # exchanges per connection before the latency clock starts (inside the CPU window)
 
 
@@ -348,18 +360,28 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
             f"{lat[0] - base50:>11.0f}{lat[2] - base99:>11.0f}"
         )
     print()
-    for reference in ("naive", "consul"):
-        if reference not in systems:
+    comparisons = [(m, ref) for m in MESHD for ref in ("naive", "consul", "fast") if m != ref]
+    for mine, reference in comparisons:
+        if mine not in systems or reference not in systems:
             continue
-        pairs = zip(*([r for r in runs if r.system == s] for s in ("fast", reference)), strict=True)
+        pairs = zip(*([r for r in runs if r.system == s] for s in (mine, reference)), strict=True)
         ratios = sorted(f.cpu_us / ref.cpu_us for f, ref in pairs)
         print(
-            f"CPU per request fast/{reference}: median {statistics.median(ratios):.2f} "
+            f"CPU per request {mine}/{reference}: median {statistics.median(ratios):.2f} "
             f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"
         )
-    if "consul" not in systems:  # issue 6 measured naive ≈ 520 µs, Consul's proxy ≈ 210 µs
-        ratio = med("fast", "cpu_us") / med("naive", "cpu_us") * 520 / 210
-        print(f"fast/Consul estimated from issue 6's naive/Consul: {ratio:.2f} (target <= 1.25)")
+    if "consul" in systems:
+        c50, c99 = med("consul", "p50_us") - base50, med("consul", "p99_us") - base99
+        for mine in (m for m in MESHD if m in systems):
+            m50, m99 = med(mine, "p50_us") - base50, med(mine, "p99_us") - base99
+            print(
+                f"added latency {mine}: p50 {m50:.0f} µs (consul {c50:.0f}), "
+                f"p99 {m99:.0f} µs (consul {c99:.0f}; target <= 1000)"
+            )
+    elif "naive" in systems:  # issue 6 measured naive ≈ 520 µs, Consul's proxy ≈ 210 µs
+        for mine in (m for m in MESHD if m in systems):
+            ratio = med(mine, "cpu_us") / med("naive", "cpu_us") * 520 / 210
+            print(f"{mine}/Consul estimated from issue 6's naive/Consul: {ratio:.2f} (<= 1.25)")
 
 
 def _free_port() -> int:
@@ -419,7 +441,9 @@ def start_systems(
         started, entry, consul_pair = start_consul(certdir, procs[0].port)
         procs += started
         systems["consul"] = (entry, consul_pair)
-    for kind in ("naive", "fast"):
+    kinds = [] if args.no_naive else ["naive"]
+    kinds += {"trio": ["fast"], "epoll": ["epoll"], "both": ["fast", "epoll"]}[args.engine]
+    for kind in kinds:
         pair: list[Proc] = []
         target = procs[0].port
         for role in ("inbound", "outbound"):
@@ -457,12 +481,18 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile (CPU) the fast pair")
     parser.add_argument("--floor", action="store_true", help="only trio vs. epoll wakeup cost")
     parser.add_argument("--consul", action="store_true", help="add `consul connect proxy` pair")
+    parser.add_argument(
+        "--engine", choices=("trio", "epoll", "both"), default="both",
+        help="meshd pair(s): fast = agent.pump on trio, epoll = agent.epollpump",
+    )  # fmt: skip
+    parser.add_argument("--no-naive", action="store_true", help="skip the trio.SSLStream pair")
     args = parser.parse_args()
     if args.floor:
         wakeup_floor(args.rate)
         return
-    if args.seconds * args.rounds * (len(SYSTEMS) - (not args.consul)) > 50:
-        parser.error("seconds x rounds x systems must stay under 50 s")
+    count = 1 + args.consul + (not args.no_naive) + (2 if args.engine == "both" else 1)
+    if args.seconds * args.rounds * count > 60:
+        parser.error("seconds x rounds x systems must stay under 60 s")
     with tempfile.TemporaryDirectory() as tmp:
         certdir = Path(tmp)
         write_certs(certdir)

@@ -61,6 +61,7 @@ from bench.scale_consul import (
 )
 from bench.scale_fullagent import measure_full_agent
 from bench.scale_proc import cpu_s, rss_mb
+from meshd.snapshot.reducer import DEFAULT_MAX_WATCHED
 
 REPO = Path(__file__).resolve().parents[1]
 RSS_TARGET_MB = 80.0
@@ -341,7 +342,10 @@ def run_scenario(
 ) -> dict[str, Any]:
     """Start the driver for *scenario*, measure, stop it; return raw figures."""
     upstreams = plan.upstreams(scenario)
-    watched = [p for p in probes if int(p.service.split("-")[1]) < upstreams]
+    # The agent watches at most DEFAULT_MAX_WATCHED services: the first by name among its
+    # declared upstreams (svc-0000, svc-0001, ...). Probe only services it really watches.
+    limit = min(upstreams, DEFAULT_MAX_WATCHED)
+    watched = [p for p in probes if int(p.service.split("-")[1]) < limit]
     res: dict[str, Any] = {"scenario": scenario, "upstreams": upstreams}
     timeout = plan.all_first_timeout_s if scenario == "all" else plan.first_snapshot_timeout_s
     idle_s = plan.idle_s if scenario == plan.runs()[0] else plan.other_idle_s
@@ -455,7 +459,8 @@ def _row(
 
 def scenario_rows(res: dict[str, Any], total_services: int) -> list[dict[str, Any]]:
     """Rows of one scenario's raw figures."""
-    label = f"[{res['upstreams']} of {total_services} services watched]"
+    watched = min(res["upstreams"], DEFAULT_MAX_WATCHED)
+    label = f"[{res['upstreams']} of {total_services} declared, {watched} watched (cap)]"
     stats = res.get("stats", {})
     if "error" in res:
         rows = [

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import shutil
 import ssl
 import tempfile
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -91,6 +94,34 @@ def verify_peer(
             another service than expected.
         ValueError: a programming error: unknown role or a naive ``now``.
     """
+    verified = _verify_chain(chain_der, bundle, role=role, trust_domain=trust_domain, now=now)
+    return _expect(verified.identity, expected_service)
+
+
+@dataclass(frozen=True)
+class VerifiedPeer:
+    """A chain that passed :func:`verify_peer`'s checks, and the window it passes them in.
+
+    Attributes:
+        identity: the leaf's SPIFFE ID.
+        valid_from: the latest ``notBefore`` of the verified path (leaf to root).
+        valid_until: the earliest ``notAfter`` of the verified path.
+    """
+
+    identity: SpiffeId
+    valid_from: dt.datetime
+    valid_until: dt.datetime
+
+
+def _verify_chain(
+    chain_der: Sequence[bytes],
+    bundle: TrustBundle,
+    *,
+    role: PeerRole,
+    trust_domain: str,
+    now: dt.datetime,
+) -> VerifiedPeer:
+    """Every check of :func:`verify_peer` except the expected service."""
     if role not in _ROLE_EKU or now.tzinfo is None:
         raise ValueError(f"verify_peer: role must be client|server and now aware ({role!r})")
     certs = _parse_chain(chain_der)
@@ -102,10 +133,86 @@ def verify_peer(
         raise PeerRejected(f"{identity.uri} is in foreign trust domain {identity.trust_domain}")
     if bundle.trust_domain != trust_domain:
         raise PeerRejected(f"the trust bundle is for {bundle.trust_domain}, not {trust_domain}")
-    _check_path(leaf, certs[1:], bundle, now)
+    path = _check_path(leaf, certs[1:], bundle, now)
+    return VerifiedPeer(
+        identity,
+        valid_from=max(c.not_valid_before_utc for c in path),
+        valid_until=min(c.not_valid_after_utc for c in path),
+    )
+
+
+def _expect(identity: SpiffeId, expected_service: str | None) -> SpiffeId:
     if expected_service is not None and identity.service != expected_service:
         raise PeerRejected(f"peer is {identity.uri}, not service {expected_service!r}")
     return identity
+
+
+class PeerVerifier:
+    """:func:`verify_peer` with a small memory of chains that passed, for resumed sessions.
+
+    Every new connection must be verified (a resumed TLS session carries the peer's leaf from
+    the original handshake, and nobody else checks it again), but a leaf once proven to
+    chain to a bundle root stays proven, against that same bundle, for as long as ``now``
+    stays inside the proven path's validity window: the certificates a peer presents beside
+    its leaf are only hints for building that path (and a resumed session has none of them).
+    Entries are keyed by the SHA-256 of the leaf, the peer's role and the trust domain, and
+    hold the bundle object they were verified against (a new bundle, e.g. a root retired,
+    misses). Only successes are remembered; the expected service
+    is compared on every call; a hit outside the window is dropped and verified afresh (so
+    an expired peer gets the precise reason). At most ``max_entries``, least recently used
+    evicted. Not thread-safe (one per trio thread).
+    """
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._max = max_entries
+        self._entries: OrderedDict[bytes, tuple[TrustBundle, VerifiedPeer]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def verify(
+        self,
+        chain_der: Sequence[bytes],
+        bundle: TrustBundle,
+        *,
+        role: PeerRole,
+        trust_domain: str,
+        expected_service: str | None,
+        now: dt.datetime,
+    ) -> VerifiedPeer:
+        """Like :func:`verify_peer` (same arguments and errors), returning the window too."""
+        if role not in _ROLE_EKU or now.tzinfo is None:
+            raise ValueError(f"verify_peer: role must be client|server and now aware ({role!r})")
+        key = _leaf_key(chain_der, role, trust_domain)
+        entry = None if key is None else self._entries.get(key)
+        if entry is not None and key is not None:
+            cached_bundle, verified = entry
+            if cached_bundle is bundle and verified.valid_from <= now <= verified.valid_until:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                _expect(verified.identity, expected_service)
+                return verified
+            del self._entries[key]
+        self.misses += 1
+        verified = _verify_chain(chain_der, bundle, role=role, trust_domain=trust_domain, now=now)
+        assert key is not None  # _verify_chain refuses what _leaf_key cannot key
+        self._entries[key] = (bundle, verified)
+        if len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+        _expect(verified.identity, expected_service)
+        return verified
+
+
+def _leaf_key(chain_der: Sequence[bytes], role: PeerRole, trust_domain: str) -> bytes | None:
+    if not chain_der or len(chain_der[0]) > MAX_CERT_BYTES:
+        return None  # let the full check give the reason
+    digest = hashlib.sha256(f"{role}\0{trust_domain}\0".encode())
+    digest.update(chain_der[0])
+    return digest.digest()
 
 
 def _parse_chain(chain_der: Sequence[bytes]) -> list[x509.Certificate]:
@@ -185,7 +292,8 @@ def _check_path(
     presented: list[x509.Certificate],
     bundle: TrustBundle,
     now: dt.datetime,
-) -> None:
+) -> list[x509.Certificate]:
+    """Build and check the path; return it (leaf first, bundle root last)."""
     # The leaf's own EKU was checked above for the peer's role; the client verifier would
     # otherwise demand clientAuth of servers too. Everything else is the WebPKI profile.
     ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
@@ -200,7 +308,7 @@ def _check_path(
         .build_client_verifier()
     )
     try:
-        verifier.verify(leaf, presented + list(bundle.intermediates))
+        return verifier.verify(leaf, presented + list(bundle.intermediates)).chain
     except VerificationError as exc:
         raise PeerRejected(
             f"no valid chain to the {bundle.trust_domain} trust bundle: {exc}"
@@ -251,7 +359,11 @@ def make_ssl_context(
 
     Returns:
         A TLS 1.3-only context with CERT_REQUIRED and ``check_hostname`` off; callers must
-        run :func:`verify_peer` after the handshake and before any application byte.
+        run :func:`verify_peer` after the handshake and before any application byte, on
+        resumed sessions too. A server context issues one session ticket per handshake
+        (sealed with keys that live and die with this context, so a renewal or a bundle
+        change, which build a new context, voids every ticket it issued); resumption always
+        runs a fresh ECDHE (``psk_dhe_ke``) and never 0-RTT (docs/adr/008).
 
     Raises:
         ssl.SSLError: the certificate or key cannot be loaded or do not match.
@@ -261,6 +373,8 @@ def make_ssl_context(
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    if role == "server":
+        ctx.num_tickets = 1  # the client keeps the newest only; OpenSSL's default is 2
     ctx.load_verify_locations(cadata=bundle.roots_pem().decode("ascii"))
     staging = Path(tempfile.mkdtemp(prefix="meshd-tls-"))  # created 0700
     try:

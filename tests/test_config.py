@@ -76,6 +76,8 @@ def test_empty_agent_file_gives_documented_defaults() -> None:
     assert (proxy.outbound_port, proxy.inbound_port, proxy.admin_port) == (15001, 15006, 15000)
     assert (proxy.user, proxy.idle_timeout, proxy.connect_timeout) == ("meshd", 3600.0, 2.0)
     assert proxy.drain_timeout == 30.0
+    assert proxy.engine == "epoll"
+    assert proxy.close_denied is True
     assert config.redirect.enabled is True
     assert config.redirect.exclude_inbound_ports == config.redirect.exclude_uids == ()
     assert config.redirect.ipv6 == "redirect"
@@ -119,6 +121,9 @@ AGENT_VALID = [
     ("[proxy]\nidle_timeout = '1h30m'", "proxy.idle_timeout", 5400.0),
     ("[proxy]\nconnect_timeout = '250ms'", "proxy.connect_timeout", 0.25),
     ("[proxy]\ndrain_timeout = '0s'", "proxy.drain_timeout", 0.0),
+    ("[proxy]\nengine = 'epoll'", "proxy.engine", "epoll"),
+    ("[proxy]\nengine = 'trio'", "proxy.engine", "trio"),
+    ("[proxy]\nclose_denied = false", "proxy.close_denied", False),
     ("[redirect]\nenabled = false", "redirect.enabled", False),
     ("[redirect]\nexclude_inbound_ports = [443, 22, 443]", "redirect.exclude_inbound_ports",
      (22, 443)),
@@ -192,6 +197,7 @@ AGENT_ERRORS = [
     ("[proxy]\nidle_timeout = '500ms'", "proxy.idle_timeout: expected at least 1s"),
     ("[proxy]\nconnect_timeout = '2m'", "expected at least 10ms and at most 1m, got '2m'"),
     ("[proxy]\nuser = ''", "proxy.user: expected a user name or numeric uid"),
+    ("[proxy]\nengine = 'uring'", "proxy.engine: expected one of 'trio', 'epoll', got 'uring'"),
     ("[agent]\nnode_name = 'a b'", "agent.node_name: expected a node name"),
     ("[agent]\ndatacenter = 'DC1'", "agent.datacenter: expected a datacenter name"),
     ("[agent]\nstate_dir = 5", "agent.state_dir: expected a path, got 5"),

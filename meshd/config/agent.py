@@ -12,6 +12,7 @@ from meshd.config.common import ConsulConfig, LogConfig, parse_consul, parse_log
 from meshd.config.document import Table, parse_toml, read_toml
 
 IPv6Mode = Literal["redirect", "refuse"]
+PumpEngineName = Literal["trio", "epoll"]
 
 HOUR = 3600.0
 MAX_UID = 2**32 - 2  # 2**32 - 1 is (uid_t)-1, "no user"
@@ -70,6 +71,9 @@ class ProxyConfig:
         idle_timeout: close a connection with no bytes either way for this long.
         connect_timeout: give up connecting to one endpoint after this long.
         drain_timeout: on shutdown, how long open connections may finish.
+        engine: what copies the bytes of established connections: ``trio`` tasks, or
+            ``epoll``, a dedicated epoll thread (docs/adr/003-fast-tls-pump.md).
+        close_denied: close open inbound connections that a changed policy now denies.
     """
 
     outbound_port: int = 15001
@@ -79,6 +83,8 @@ class ProxyConfig:
     idle_timeout: float = HOUR
     connect_timeout: float = 2.0
     drain_timeout: float = 30.0
+    engine: PumpEngineName = "epoll"
+    close_denied: bool = True
 
 
 @dataclass(frozen=True)
@@ -189,7 +195,7 @@ def _node(table: Table) -> NodeConfig:
 def _proxy(table: Table) -> ProxyConfig:
     ports = ("outbound_port", "inbound_port", "admin_port")
     timeouts = ("idle_timeout", "connect_timeout", "drain_timeout")
-    table.only(*ports, "user", *timeouts)
+    table.only(*ports, "user", *timeouts, "engine", "close_denied")
     d = ProxyConfig()
     config = ProxyConfig(
         outbound_port=table.get("outbound_port", fields.port, d.outbound_port),
@@ -199,6 +205,8 @@ def _proxy(table: Table) -> ProxyConfig:
         idle_timeout=table.get("idle_timeout", fields.duration(1, 7 * 24 * HOUR), d.idle_timeout),
         connect_timeout=table.get("connect_timeout", fields.duration(0.01, 60), d.connect_timeout),
         drain_timeout=table.get("drain_timeout", fields.duration(0, HOUR), d.drain_timeout),
+        engine=table.get("engine", fields.choice(*get_args(PumpEngineName)), d.engine),
+        close_denied=table.get("close_denied", fields.boolean, d.close_denied),
     )
     # The three listeners share the host's port space: a clash would fail at bind time,
     # far from the line that caused it.
