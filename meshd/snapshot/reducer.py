@@ -278,9 +278,7 @@ class Reducer:
             IncompleteSnapshot: :meth:`ready` is false.
         """
         if not self.ready():
-            missing = (self._required - self._delivered) | (
-                self._awaited() - set(self._endpoints)
-            )
+            missing = (self._required - self._delivered) | (self._awaited() - set(self._endpoints))
             raise IncompleteSnapshot(f"snapshot incomplete: waiting for {sorted(missing)}")
         for name, since in list(self._held_since.items()):
             if now - since >= self._grace:
