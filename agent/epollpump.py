@@ -65,7 +65,7 @@ from typing import Any, cast
 import trio
 
 from agent.pump import Connection, Outcome, PlainConnection, PumpResult
-from agent.tlsconn import TLSConnection
+from agent.tlsconn import TLSConnection, read_received_records
 
 _BUDGET = 16  # chunks per direction per wakeup
 _MAX_EVENTS = 256  # per poll; the default (FD_SETSIZE - 1) mallocs 12 KiB per call
@@ -824,25 +824,9 @@ def _send_eof(dst: _Side) -> None:
 
 def _stash_undelivered(side: _Side) -> None:
     """Decrypt every record already received so ``SSL_shutdown`` cannot read one."""
-    obj, incoming = cast(ssl.SSLObject, side.obj), cast(ssl.MemoryBIO, side.incoming)
-    while side.stash_end is None and (incoming.pending or obj.pending()):
-        try:
-            data = obj.read(_RAW_BUFFER)
-        except ssl.SSLWantReadError:
-            return  # only part of a record is left; shutdown's read will want more
-        except ssl.SSLZeroReturnError:
-            data = b""
-        except ssl.SSLEOFError as exc:
-            side.stash_end = ConnectionResetError("TLS peer closed without close_notify")
-            side.stash_end.__cause__ = exc
-            return
-        except ssl.SSLError as exc:
-            side.stash_end = exc
-            return
-        if not data:
-            side.stash_end = EOFError()
-            return
-        side.stash += data
+    if side.stash_end is None:
+        obj, incoming = cast(ssl.SSLObject, side.obj), cast(ssl.MemoryBIO, side.incoming)
+        side.stash_end = read_received_records(obj, incoming, side.stash)
 
 
 def _reset(sock: socket.socket) -> None:

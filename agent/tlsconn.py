@@ -258,24 +258,8 @@ class TLSConnection:
 
     def _stash_undelivered(self) -> None:
         """Decrypt every record already received so ``SSL_shutdown`` cannot read one."""
-        while self._stash_end is None and (self._in.pending or self._obj.pending()):
-            try:
-                data = self._obj.read(_RAW_BUFFER)
-            except ssl.SSLWantReadError:
-                return  # only part of a record is left; shutdown's read will want more
-            except ssl.SSLZeroReturnError:
-                data = b""
-            except ssl.SSLEOFError as exc:
-                self._stash_end = ConnectionResetError("TLS peer closed without close_notify")
-                self._stash_end.__cause__ = exc
-                return
-            except ssl.SSLError as exc:
-                self._stash_end = exc
-                return
-            if not data:
-                self._stash_end = EOFError()  # the peer's close_notify: EOF after the stash
-                return
-            self._stash += data
+        if self._stash_end is None:
+            self._stash_end = read_received_records(self._obj, self._in, self._stash)
 
     async def _fill(self) -> None:
         """Move one read's worth of bytes from the socket into the incoming BIO."""
@@ -312,6 +296,38 @@ class TLSConnection:
                 await send_all_raw(self._raw, self._out.read())
             finally:
                 self._tx.release()
+
+
+def read_received_records(
+    obj: ssl.SSLObject, incoming: ssl.MemoryBIO, into: bytearray
+) -> BaseException | None:
+    """Decrypt every record already received into *into*, without reading the socket.
+
+    Called before sending ``close_notify``: OpenSSL's shutdown would otherwise read (and
+    drop) application data the peer sent first. Shared by the trio and epoll engines.
+
+    Returns:
+        How the peer's stream ended, if it did: ``EOFError`` for its close_notify,
+        ``ConnectionResetError`` for a close without one, or the TLS error; None while
+        it goes on (or only part of a record has arrived).
+    """
+    while incoming.pending or obj.pending():
+        try:
+            data = obj.read(_RAW_BUFFER)
+        except ssl.SSLWantReadError:
+            return None  # only part of a record is left; shutdown's read will want more
+        except ssl.SSLZeroReturnError:
+            data = b""
+        except ssl.SSLEOFError as exc:
+            reset = ConnectionResetError("TLS peer closed without close_notify")
+            reset.__cause__ = exc
+            return reset
+        except ssl.SSLError as exc:
+            return exc
+        if not data:
+            return EOFError()  # the peer's close_notify: EOF after what was stashed
+        into += data
+    return None
 
 
 async def send_all_raw(sock: socket.socket, data: memoryview | bytes) -> None:
