@@ -26,6 +26,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -218,6 +219,9 @@ class Lab:
                     body = json.loads(r.read())
                 if not leader or body:
                     return
+            except urllib.error.HTTPError as exc:
+                exc.close()  # it holds the response's socket
+                last = f"HTTP {exc.code} {exc.reason}"
             except OSError as exc:
                 last = exc
             time.sleep(0.1)

@@ -65,6 +65,7 @@ def kv_get(agent: ConsulAgentProcess, key: str) -> bytes | None:
             data: bytes = response.read()
             return data
     except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the response's socket
         if exc.code == 404:
             return None
         raise

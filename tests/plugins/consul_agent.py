@@ -173,8 +173,14 @@ class ConsulAgentProcess:
         request = urllib.request.Request(
             self.http_address + path, headers={"X-Consul-Token": self.token}
         )
-        with urllib.request.urlopen(request, timeout=2) as response:
-            return json.loads(response.read())
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            # An HTTPError holds the response and its socket; close it here, or the
+            # garbage collector reports the socket as unclosed in some later test.
+            exc.close()
+            raise OSError(f"{path}: HTTP {exc.code} {exc.reason}") from None
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
