@@ -3,7 +3,8 @@
 Flow for one connection: original destination → the local service on that port → peek the
 first bytes: a TLS record (0x16) is terminated with the service's certificate and the peer's
 SPIFFE identity verified; plaintext is refused in ``strict`` mode and treated as an
-anonymous peer in ``permissive`` mode → ``authorize(policy, peer, service)`` → dial the
+anonymous peer in ``permissive`` mode → on ALPN ``meshd/1``, wait for the ``GO`` preamble
+and decide everything afresh (docs/adr/010) → ``authorize(policy, peer, service)`` → dial the
 application over loopback (so meshed applications must listen on it, or on all
 addresses) → pump. Refusals are resets: the application receives zero bytes.
 
@@ -13,19 +14,28 @@ the agent can close the ones the new policy denies.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import trio
 
+from agent.carrier import CarrierError, CarrierUnused, receive_go, speaks_carrier
 from agent.netio import connect_tcp, peek
 from agent.proxycore import ProxyDeps, destination_or_reject, finish, peer_of, reject
 from agent.pump import Connection, PlainConnection
-from agent.tlsconn import TLSHandshakeError, handshake
+from agent.tlsconn import (
+    TLSConnection,
+    TLSHandshakeError,
+    abort_socket,
+    handshake,
+    send_all_raw,
+)
 from meshd.dataplane import DataPlaneView
 from meshd.meshconfig import MTLSMode
-from meshd.peer import PeerRejected
+from meshd.peer import PeerRejected, VerifiedPeer
 from meshd.snapshot import LocalService
 
 DIRECTION = "inbound"
@@ -43,9 +53,36 @@ class OpenConnection:
 
 @dataclass
 class OpenConnections:
-    """The inbound connections currently flowing, for re-authorization on policy change."""
+    """The inbound connections currently flowing, for re-authorization on policy change,
+    and the ``meshd/1`` connections still waiting to be used, for the drain."""
 
     by_id: dict[int, OpenConnection] = field(default_factory=dict)
+    _waiting: set[trio.CancelScope] = field(default_factory=set)
+    _stopped_waiting: bool = False
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[trio.CancelScope]:
+        """A scope for waiting on a connection's first use; cancelled by :meth:`stop_waiting`."""
+        scope = trio.CancelScope()
+        if self._stopped_waiting:
+            scope.cancel()
+        self._waiting.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._waiting.discard(scope)
+
+    @property
+    def waiting_count(self) -> int:
+        """Connections waiting for their first use."""
+        return len(self._waiting)
+
+    def stop_waiting(self) -> None:
+        """Close every connection not yet in use, now and from now on (the drain)."""
+        self._stopped_waiting = True
+        for scope in self._waiting:
+            scope.cancel()
 
     def add(self, entry: OpenConnection) -> None:
         self.by_id[id(entry)] = entry
@@ -77,7 +114,20 @@ async def handle_inbound(deps: ProxyDeps, conns: OpenConnections, conn: socket.s
     found = destination_or_reject(deps, conn, direction=DIRECTION, client=client, started=started)
     if found is None:
         return
-    address, port = found
+    await serve_inbound(deps, conns, conn, found, client=client, started=started)
+
+
+async def serve_inbound(
+    deps: ProxyDeps,
+    conns: OpenConnections,
+    conn: socket.socket,
+    target: tuple[str, int],
+    *,
+    client: str,
+    started: float,
+) -> None:
+    """Serve one connection whose original destination is *target*; always closes *conn*."""
+    address, port = target
     view = deps.view()
     local = view.snapshot.local_service_on(port) if view is not None else None
     if view is None or local is None:
@@ -93,47 +143,97 @@ async def handle_inbound(deps: ProxyDeps, conns: OpenConnections, conn: socket.s
         return
     accepted = await _accept(deps, view, local, conn, client)
     if isinstance(accepted, str):
-        reject(
-            deps,
-            conn,
-            direction=DIRECTION,
-            source=client,
-            destination=local.name,
-            started=started,
-            outcome="refused",
-            reason=accepted,
-        )
+        _refuse(deps, conn, client, local.name, started, accepted)
         return
     downstream, source = accepted
-    await _forward(deps, view, conns, downstream, source, local, (address, port), started, client)
+    early = b""
+    if isinstance(downstream, TLSConnection) and speaks_carrier(downstream):
+        used = await _wait_for_use(deps, conns, downstream, port)
+        if used is None:
+            return
+        if isinstance(used, str):
+            downstream.abort()
+            _refuse(deps, conn, client, local.name, started, used)
+            return
+        view, local, early = used
+    decision = view.authorize(source, local.name)
+    if not decision.allowed:
+        deps.metrics.authz_denied.labels(source or "anonymous", local.name).inc()
+        downstream.abort()
+        _refuse(deps, conn, client, local.name, started, f"denied: {decision.reason}")
+        return
+    await _forward(
+        deps, view, conns, downstream, source, local, (address, port), started, client, early
+    )
+
+
+def _refuse(
+    deps: ProxyDeps, conn: socket.socket, client: str, service: str, started: float, reason: str
+) -> None:
+    reject(
+        deps,
+        conn,
+        direction=DIRECTION,
+        source=client,
+        destination=service,
+        started=started,
+        outcome="refused",
+        reason=reason,
+    )
 
 
 async def _accept(
     deps: ProxyDeps, view: DataPlaneView, local: LocalService, conn: socket.socket, client: str
 ) -> tuple[Connection, str | None] | str:
-    """Terminate TLS (or admit plaintext) and authorize; the reason on refusal."""
+    """Terminate TLS and verify the peer (or admit plaintext); the reason on refusal."""
     try:
         first = await peek(conn, 1, timeout=deps.timeouts.first_byte)
     except (OSError, trio.TooSlowError) as exc:
         return f"no first byte: {exc or 'timed out'}"
     if first and first[0] == TLS_HANDSHAKE_RECORD:
-        verified = await _terminate_tls(deps, view, local, conn)
-        if isinstance(verified, str):
-            return verified
-        downstream, source = verified
-    elif view.mesh.mtls_mode == MTLSMode.STRICT:
+        return await _terminate_tls(deps, view, local, conn)
+    if view.mesh.mtls_mode == MTLSMode.STRICT:
         deps.metrics.plaintext_inbound.labels(local.name, "refused").inc()
         return "plaintext refused: mTLS mode is strict"
-    else:
-        deps.metrics.plaintext_inbound.labels(local.name, "admitted").inc()
-        deps.log.event("plaintext_admitted", level="warning", destination=local.name, client=client)
-        downstream, source = PlainConnection(conn), None
-    decision = view.authorize(source, local.name)
-    if not decision.allowed:
-        deps.metrics.authz_denied.labels(source or "anonymous", local.name).inc()
-        downstream.abort()
-        return f"denied: {decision.reason}"
-    return downstream, source
+    deps.metrics.plaintext_inbound.labels(local.name, "admitted").inc()
+    deps.log.event("plaintext_admitted", level="warning", destination=local.name, client=client)
+    return PlainConnection(conn), None
+
+
+async def _wait_for_use(
+    deps: ProxyDeps, conns: OpenConnections, tls: TLSConnection, port: int
+) -> tuple[DataPlaneView, LocalService, bytes] | str | None:
+    """Hold a ``meshd/1`` connection until its ``GO`` (docs/adr/010).
+
+    Everything is decided afresh after it, as if the connection had just arrived: the
+    view, the local service on *port*, the peer's certificate against the current bundle
+    and clock. Returns those with the application bytes that came with ``GO``; a reason
+    to refuse; or None for a warm connection that was closed unused (counted, not logged).
+    """
+    early: bytes | None = None
+    try:
+        with conns.waiting() as scope:
+            early = await receive_go(tls, timeout=deps.timeouts.unused)
+    except CarrierUnused:
+        pass
+    except CarrierError as exc:
+        tls.abort()
+        return str(exc)
+    except BaseException:  # cancelled: the agent is stopping
+        tls.abort()
+        raise
+    if early is None or scope.cancelled_caught:
+        deps.metrics.warm_connections.labels("inbound_unused").inc()
+        tls.abort()
+        return None
+    view = deps.view()
+    local = view.snapshot.local_service_on(port) if view is not None else None
+    if view is None or local is None:
+        return f"port {port} is no longer a meshed service"
+    verified = _verify_client(deps, view, tls)
+    if isinstance(verified, str):
+        return verified
+    return view, local, early
 
 
 async def _terminate_tls(
@@ -150,9 +250,23 @@ async def _terminate_tls(
         deps.metrics.tls_failures.labels(DIRECTION, "handshake").inc()
         return str(exc)
     deps.metrics.tls_handshakes.labels(DIRECTION, "yes" if tls.session_reused else "no").inc()
+    verified = _verify_client(deps, view, tls)
+    if isinstance(verified, str):
+        return verified
+    return tls, verified.identity.service
+
+
+def _verify_client(deps: ProxyDeps, view: DataPlaneView, tls: TLSConnection) -> VerifiedPeer | str:
+    """The client, verified against *view*'s bundle now; or why it is refused.
+
+    A refusal aborts *tls*. Every connection is verified, resumed ones too: a ticket brings
+    back the leaf of the first handshake, checked here again against the current bundle
+    and clock.
+    """
+    if view.bundle is None:
+        tls.abort()
+        return f"no trust bundle: {view.bundle_error}"
     try:
-        # Every connection, resumed ones too: a ticket brings back the leaf of the first
-        # handshake, verified here again against the current bundle and clock.
         peer = deps.peers.verify(
             tls.peer_chain_der(),
             view.bundle,
@@ -165,7 +279,7 @@ async def _terminate_tls(
         tls.abort()
         deps.metrics.tls_failures.labels(DIRECTION, "peer_identity").inc()
         return str(exc)
-    return tls, peer.identity.service
+    return peer
 
 
 async def _forward(
@@ -178,14 +292,23 @@ async def _forward(
     target: tuple[str, int],
     started: float,
     client: str,
+    early: bytes = b"",
 ) -> None:
     # Over loopback: the proxy's own dials to a meshed port of this host are redirected
     # again (that is how local callers reach the inbound proxy); loopback never is.
     loopback = "::1" if ":" in target[0] else "127.0.0.1"
     try:
         app = await connect_tcp(loopback, target[1], timeout=deps.timeouts.connect)
-    except (OSError, trio.TooSlowError) as exc:
+        if early:  # application bytes that arrived with GO
+            try:
+                await send_all_raw(app, early)
+            except OSError:
+                abort_socket(app)
+                raise
+    except BaseException as exc:
         downstream.abort()
+        if not isinstance(exc, OSError | trio.TooSlowError):
+            raise
         finish(
             deps,
             direction=DIRECTION,

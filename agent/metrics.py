@@ -70,6 +70,18 @@ class AgentMetrics:
             ("destination",),
             registry=r,
         )
+        self.warm_connections = Counter(
+            "meshd_warm_connections",
+            "Warm (pre-opened) mTLS connections by outcome: hit, miss, expired, closed_by_peer,"
+            " open_failed, peer_without_meshd_1 (outbound); inbound_unused (inbound).",
+            ("outcome",),
+            registry=r,
+        )
+        self.warm_idle = Gauge(
+            "meshd_warm_connections_idle",
+            "Warm outbound connections open and waiting to be used.",
+            registry=r,
+        )
         self.snapshot_version = Gauge(
             "meshd_snapshot_version", "Version of the snapshot in use.", registry=r
         )

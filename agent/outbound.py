@@ -2,8 +2,9 @@
 
 Flow for one connection: original destination (SO_ORIGINAL_DST) → mesh service via the
 snapshot's address map → local identity to present → endpoints in balanced order, retrying
-the connect on the next one → mTLS handshake with SNI = service → verify the peer is that
-service (before any application byte) → pump.
+the connect on the next one → a warm connection to the first choice if the pool has one
+(docs/adr/010), else an mTLS handshake with SNI = service → verify the peer is that service
+(before any application byte) → ``GO`` if the peer speaks ``meshd/1`` → pump.
 
 A destination the snapshot does not know follows the mesh's outbound policy: ``allow-any``
 dials it directly (the proxy's own uid is excluded from redirection, so this is not looped),
@@ -12,21 +13,25 @@ dials it directly (the proxy's own uid is excluded from redirection, so this is 
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
 
 import trio
 
+from agent.carrier import send_go, speaks_carrier
 from agent.netio import connect_tcp
 from agent.proxycore import ProxyDeps, destination_or_reject, finish, peer_of, reject
 from agent.pump import PlainConnection
 from agent.tlsconn import TLSConnection, TLSHandshakeError, handshake
+from agent.warmpool import EndpointKey
 from meshd.dataplane import DataPlaneView
 from meshd.meshconfig import OutboundPolicy
 from meshd.peer import PeerRejected
 from meshd.snapshot import Endpoint
 
 DIRECTION = "outbound"
+TICKET_WAIT_S = 0.5
 
 
 async def handle_outbound(deps: ProxyDeps, conn: socket.socket) -> None:
@@ -169,7 +174,11 @@ async def _dial(
 ) -> TLSConnection | str:
     """Connect and verify an endpoint of *service*, trying the next on connect failure.
 
-    Returns the verified connection, or the reason every attempt failed.
+    The balancer's first choice is served from the warm pool when it has a connection
+    (docs/adr/010); the pool is then topped up in the background.
+
+    Returns the verified connection, ready for application bytes (``GO`` already sent on
+    ``meshd/1``), or the reason every attempt failed.
     """
     endpoints = view.snapshot.endpoints(service)
     order: tuple[Endpoint, ...] = deps.balancer.attempt_order(service, endpoints)
@@ -177,15 +186,100 @@ async def _dial(
         return f"no healthy endpoint for {service}"
     last = ""
     for attempt, endpoint in enumerate(order):
+        key = (endpoint.address, endpoint.port)
         if attempt:
             deps.metrics.connect_retries.labels(service).inc()
+        else:
+            warm = await _take_warm(deps, view, service, ctx, key)
+            if warm is not None:
+                _replenish(deps, service, ctx, endpoint)
+                return warm
         try:
             sock = await connect_tcp(endpoint.address, endpoint.port, timeout=deps.timeouts.connect)
         except (OSError, trio.TooSlowError) as exc:
             last = f"connect {endpoint.address}:{endpoint.port}: {exc or 'timed out'}"
             continue
-        return await _secure(deps, view, service, sock, ctx, endpoint)
+        tls = await _secure(deps, view, service, sock, ctx, endpoint)
+        if isinstance(tls, str):
+            return tls
+        try:
+            if speaks_carrier(tls):
+                await send_go(tls)
+        except BaseException as exc:
+            tls.abort()
+            if not isinstance(exc, OSError):
+                raise
+            return f"{endpoint.address}:{endpoint.port}: closed before use: {exc}"
+        if speaks_carrier(tls):  # never warm up a peer from before meshd/1: it would dial
+            _replenish(deps, service, ctx, endpoint)
+        return tls
     return last
+
+
+async def _take_warm(
+    deps: ProxyDeps, view: DataPlaneView, service: str, ctx: ssl.SSLContext, key: EndpointKey
+) -> TLSConnection | None:
+    """A warm connection to *key*, peer re-verified now and ``GO`` sent; None on a miss."""
+    assert view.bundle is not None  # _cannot_dial checked it
+    tls = deps.warm.take(ctx, service, key)
+    if tls is None:
+        return None
+    try:
+        # Same context, so same bundle as at its handshake; this re-checks validity "now"
+        # (a memory hit costs microseconds, docs/adr/008).
+        deps.peers.verify(
+            tls.peer_chain_der(),
+            view.bundle,
+            role="server",
+            trust_domain=view.bundle.trust_domain,
+            expected_service=service,
+            now=deps.wall_clock(),
+        )
+        await send_go(tls)
+    except BaseException as exc:
+        tls.abort()
+        if not isinstance(exc, PeerRejected | OSError):
+            raise
+        return None
+    return tls
+
+
+def _replenish(deps: ProxyDeps, service: str, ctx: ssl.SSLContext, endpoint: Endpoint) -> None:
+    """Top up the warm connections to *endpoint* (in the background)."""
+    deps.warm.replenish(
+        ctx,
+        service,
+        (endpoint.address, endpoint.port),
+        functools.partial(_open_warm, deps, service, ctx, endpoint),
+    )
+
+
+async def _open_warm(
+    deps: ProxyDeps, service: str, ctx: ssl.SSLContext, endpoint: Endpoint
+) -> TLSConnection | None:
+    """One new verified connection for the warm pool, made with the current view."""
+    view = deps.view()
+    if view is None or view.bundle is None:
+        return None
+    try:
+        sock = await connect_tcp(endpoint.address, endpoint.port, timeout=deps.timeouts.connect)
+    except (OSError, trio.TooSlowError):
+        return None
+    tls = await _secure(deps, view, service, sock, ctx, endpoint)
+    if isinstance(tls, str):
+        return None
+    # The server's session ticket follows its handshake: take it in now, so that the next
+    # connection to this endpoint resumes (nobody reads a warm connection until it is used).
+    try:
+        with trio.move_on_after(TICKET_WAIT_S):
+            await tls.wait_readable()
+    except BaseException:  # the pool is shutting down
+        tls.close()
+        raise
+    if not tls.still_idle():
+        tls.close()
+        return None
+    return tls
 
 
 async def _secure(

@@ -24,6 +24,7 @@ from agent.origdst import OriginalDestinationError, original_destination
 from agent.pump import PumpFunction, PumpResult, pump
 from agent.tlscontexts import TLSContexts
 from agent.tlssessions import SessionCache
+from agent.warmpool import WarmPool
 from meshd.balancer import RoundRobin
 from meshd.dataplane import DataPlaneView
 from meshd.peer import PeerVerifier
@@ -37,6 +38,9 @@ class ProxyTimeouts:
     handshake: float = 5.0
     first_byte: float = 10.0
     idle: float = 3600.0
+    # How long the inbound proxy keeps a ``meshd/1`` connection that has not been put to
+    # use (a warm connection); above the outbound pool's largest idle_timeout.
+    unused: float = 120.0
 
 
 @dataclass
@@ -57,6 +61,8 @@ class ProxyDeps:
         peers: peer verification with a memory of chains that passed (both proxies).
         pump: copies the bytes of established connections: :func:`agent.pump.pump`, or
             ``PumpEngine.pump`` of a running epoll engine (``[proxy] engine``).
+        warm: the outbound proxy's warm connections (refilled only while its ``serve``
+            runs; otherwise every take misses).
     """
 
     view: Callable[[], DataPlaneView | None]
@@ -70,6 +76,7 @@ class ProxyDeps:
     sessions: SessionCache = field(default_factory=SessionCache)
     peers: PeerVerifier = field(default_factory=PeerVerifier)
     pump: PumpFunction = pump
+    warm: WarmPool = field(default_factory=WarmPool)
 
 
 def peer_of(sock: socket.socket) -> str:

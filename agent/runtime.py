@@ -8,7 +8,8 @@ mesh needs for zero failed requests:
 1. ``STOPPING=1`` to systemd; deregister this host's services from Consul, so callers'
    snapshots drop these endpoints;
 2. wait ``propagation`` seconds for that to reach them, still serving;
-3. stop accepting; let open connections finish for up to ``drain_timeout``;
+3. stop accepting; close warm connections not yet in use (both directions); let open
+   connections finish for up to ``drain_timeout``;
 4. cancel the rest.
 
 Redirect rules stay in place when the agent stops or dies: with no proxy listening, a
@@ -45,6 +46,7 @@ from agent.registration import Registrar, serve_registration
 from agent.signclient import Endpoint
 from agent.snapshots import SnapshotPipeline, local_services_from_config, serve_snapshots
 from agent.tlscontexts import TLSContexts
+from agent.warmpool import WarmPool
 from meshd.config import AgentConfig, ServiceConfig
 from meshd.consul import ConsulClient
 from meshd.dataplane import DataPlaneView, ViewCache
@@ -151,6 +153,13 @@ async def serve_agent(
         resolver: DestinationResolver = await background.start(
             functools.partial(serve_discovery, consul_lookup(consul), pipeline.request_upstream)
         )
+        warm = WarmPool(
+            per_endpoint=cfg.proxy.warm_connections,
+            idle_timeout=cfg.proxy.warm_idle_timeout,
+            count=lambda outcome: metrics.warm_connections.labels(outcome).inc(),
+        )
+        metrics.warm_idle.set_function(lambda: warm.idle_count)
+        await background.start(warm.serve)
         deps = ProxyDeps(
             view=current_view,
             tls=TLSContexts(certifier),
@@ -159,6 +168,7 @@ async def serve_agent(
             timeouts=ProxyTimeouts(connect=cfg.proxy.connect_timeout, idle=cfg.proxy.idle_timeout),
             on_unknown_destination=resolver.notify_unknown,
             pump=pump_fn,
+            warm=warm,
         )
         conns = OpenConnections()
         admin_port = await background.start(
@@ -219,6 +229,10 @@ async def _serve_proxies(
             await handle.registrar.deregister_all()
             await trio.sleep(options.propagation_s)
             acceptors.cancel_scope.cancel()
+            # Connections opened ahead of need carry nothing yet: close them now, both ways,
+            # rather than hold the drain for them.
+            conns.stop_waiting()
+            deps.warm.close_all()
         for _, sock, _ in listeners:
             sock.close()
         connections.cancel_scope.deadline = trio.current_time() + cfg.proxy.drain_timeout

@@ -147,6 +147,46 @@ class TLSConnection:
         return self._obj.version()
 
     @property
+    def alpn(self) -> str | None:
+        """The application protocol both sides agreed on (ALPN), or None."""
+        return self._obj.selected_alpn_protocol()
+
+    async def wait_readable(self) -> None:
+        """Wait until the raw socket has something to read (or was closed)."""
+        await trio.lowlevel.wait_readable(self._raw)
+
+    def still_idle(self) -> bool:
+        """For a connection nobody uses yet: take in what arrived, without waiting.
+
+        TLS 1.3 session tickets arrive after the handshake and are absorbed here. Returns
+        False if the peer closed, reset or sent application data (which an idle peer never
+        does); the connection is then useless and should be closed.
+        """
+        if self._stash or self._stash_end is not None:
+            return False
+        while True:
+            try:
+                n = self._raw.recv_into(self._rbuf)
+            except BlockingIOError:
+                break
+            except OSError:
+                return False
+            if not n:
+                self._in.write_eof()
+                break
+            self._in.write(self._rbuf[:n])  # and read on: a reset may follow the data
+        self._raw_drained = True
+        if not (self._in.pending or self._in.eof or self._obj.pending()):
+            return True
+        try:
+            self._obj.read(1)
+        except ssl.SSLWantReadError:
+            return not self._in.eof
+        except (ssl.SSLError, OSError):
+            return False
+        return False  # application data from an idle peer
+
+    @property
     def session_reused(self) -> bool:
         """True if the handshake resumed the session offered to :func:`handshake`."""
         return self._obj.session_reused

@@ -12,6 +12,7 @@ import ssl
 from pathlib import Path
 from typing import Literal, Protocol
 
+from agent.carrier import MESH_ALPN
 from meshd.peer import make_ssl_context
 from meshd.trustbundle import TrustBundle
 
@@ -61,5 +62,7 @@ class TLSContexts:
         if cached is not None and cached[0] == cert.serial and cached[1] is bundle:
             return cached[2]
         ctx = make_ssl_context(role, cert.chain_pem, cert.key_path, bundle)
+        # Both proxies offer meshd/1 (docs/adr/010); a peer from before it agrees on nothing.
+        ctx.set_alpn_protocols([MESH_ALPN])
         self._cache[key] = (cert.serial, bundle, ctx)
         return ctx

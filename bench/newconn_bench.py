@@ -12,12 +12,15 @@ medians reported:
 * ``direct``: the generator talks to the upstream.
 * ``consul``: a ``consul connect proxy`` pair on a private ``consul agent -dev`` (optional).
 * ``meshd-full``: the agent's own proxy handlers (``agent.outbound._to_mesh_service`` and
-  ``agent.inbound._accept``/``_forward``: SPIFFE SVIDs from ``meshd.pki``, contexts from
+  ``agent.inbound.serve_inbound``: SPIFFE SVIDs from ``meshd.pki``, contexts from
   ``agent.tlscontexts``, peer verification, intentions, access log, pump) with session
   resumption and the verifier's memory switched off: a full mTLS handshake and a full
   verification on both sides for every connection (the behaviour before ADR 008).
 * ``meshd-nomem``: resumption on, the verifier's memory off (to attribute the gain).
-* ``meshd``: as shipped: resumption and the verifier's memory.
+* ``meshd-cold``: resumption and the verifier's memory, warm connections off
+  (``[proxy] warm_connections = 0``).
+* ``meshd``: as shipped: resumption, the verifier's memory and two warm connections per
+  endpoint (docs/adr/010): the handshake happens ahead of the request, off its path.
 
 Only the original-destination lookup (iptables) is left out: the outbound proxy is told the
 destination service, and the inbound proxy the local port.
@@ -34,173 +37,25 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 
+from bench.agent_pair import write_pki
 from bench.pump_bench import REQUEST, RESPONSE, Proc, _free_port, _one_exchange, _wait_for
 from bench.pump_bench import start_consul as start_consul_pair
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ("direct", "consul", "meshd-full", "meshd-nomem", "meshd")
-VARIANTS = {"meshd-full": "full", "meshd-nomem": "nomem", "meshd": "resume"}
-TRUST_DOMAIN = "11111111-2222-3333-4444-555555555555.consul"
-
-
-# ---------------------------------------------------------------------- certificates
-
-
-def write_pki(certdir: Path) -> None:
-    """A mesh CA (root + signing CA) through ``meshd.pki``; SVIDs for web and api."""
-    from cryptography.hazmat.primitives import serialization
-
-    from meshd import pki
-    from meshd.identity import SpiffeId
-    from meshd.keyfile import write_secret
-    from meshd.trustbundle import BundleRoot, RootState, TrustBundle
-
-    now = dt.datetime.now(dt.UTC)
-    root = pki.make_root(TRUST_DOMAIN, now=now, ttl=dt.timedelta(days=30))
-    signing = pki.make_signing_ca(root, now=now, ttl=dt.timedelta(days=10))
-    bundle = TrustBundle(
-        TRUST_DOMAIN, (BundleRoot(root.cert, RootState.ACTIVE),), intermediates=(signing.cert,)
-    )
-    (certdir / "bundle.json").write_bytes(bundle.to_json())
-    for service in ("web", "api"):
-        identity = SpiffeId(TRUST_DOMAIN, "dc1", service)
-        key = pki.generate_key()
-        leaf = pki.sign_leaf(signing, pki.build_csr(key, identity), identity, now=now,
-                             ttl=dt.timedelta(hours=24))  # fmt: skip
-        pem = serialization.Encoding.PEM
-        chain = b"".join(c.public_bytes(pem) for c in (leaf, signing.cert))
-        (certdir / f"{service}.pem").write_bytes(chain)
-        write_secret(certdir / f"{service}.key", key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ))  # fmt: skip
-
-
-# ------------------------------------------------------------------ the meshd proxies
-
-
-class _Files:
-    """A credential source over the files written by :func:`write_pki`."""
-
-    def __init__(self, certdir: Path) -> None:
-        from agent.certifier import CertifiedKey
-
-        self._certs = {
-            s: CertifiedKey(
-                s, (certdir / f"{s}.pem").read_bytes(), certdir / f"{s}.key", 0.0, 0.0, serial
-            )  # fmt: skip
-            for serial, s in enumerate(("web", "api"), start=1)
-        }
-
-    def current(self, service: str) -> Any:
-        return self._certs.get(service)
-
-
-async def serve_meshd(role: str, variant: str, port: int, target: int, certdir: Path) -> None:
-    """One of the agent's proxies, through its own handler functions."""
-    from agent import inbound, outbound
-    from agent.accesslog import JsonLog
-    from agent.metrics import AgentMetrics
-    from agent.proxycore import ProxyDeps
-    from agent.tlscontexts import TLSContexts
-    from agent.tlssessions import SessionCache
-    from meshd.dataplane import build_view
-    from meshd.intentions import Action, IntentionsDocument, SourceIntention, render_document
-    from meshd.peer import PeerVerifier, VerifiedPeer
-    from meshd.snapshot import Endpoint, LocalService, UpstreamSet, make_snapshot
-
-    class NoSessions(SessionCache):
-        def session_for(self, *args: Any, **kwargs: Any) -> None:
-            return None
-
-    class NoMemory(PeerVerifier):
-        def verify(self, *args: Any, **kwargs: Any) -> VerifiedPeer:
-            self._entries.clear()
-            return super().verify(*args, **kwargs)
-
-    bundle_raw = (certdir / "bundle.json").read_bytes()
-    log = JsonLog(sys.stderr if os.environ.get("NEWCONN_LOG") else open(os.devnull, "w"))  # noqa: SIM115
-    deps = ProxyDeps(view=lambda: None, tls=TLSContexts(_Files(certdir)), metrics=AgentMetrics(),
-                     log=log)  # fmt: skip
-    if variant == "full":
-        deps.sessions = NoSessions()
-    if variant in ("full", "nomem"):
-        deps.peers = NoMemory()
-    if role == "outbound":
-        local = LocalService("web", "web-1", 8080, upstreams=("api",))
-        endpoint = Endpoint("127.0.0.1", target, node="n2", service_id="api-1")
-        snapshot = make_snapshot(version=1, created_at=time.time(), local_services=(local,),
-                                 upstreams=(UpstreamSet("api", (endpoint,)),),
-                                 trust_bundle_raw=bundle_raw)  # fmt: skip
-    else:
-        local = LocalService("api", "api-1", target)
-        allow = IntentionsDocument("api", (SourceIntention("web", action=Action.ALLOW),))
-        snapshot = make_snapshot(version=1, created_at=time.time(), local_services=(local,),
-                                 intentions_raw={"api": render_document(allow)},
-                                 trust_bundle_raw=bundle_raw)  # fmt: skip
-    view = build_view(snapshot)
-    assert view.bundle is not None, view.bundle_error
-    conns = inbound.OpenConnections()
-
-    def report(*_: object) -> None:
-        counts = {
-            f"{s.labels['direction']}:resumed={s.labels['resumed']}": s.value
-            for metric in deps.metrics.tls_handshakes.collect()
-            for s in metric.samples
-            if s.name.endswith("_total")
-        }
-        print(f"meshd {variant} {role}: handshakes {json.dumps(counts)}", file=sys.stderr)
-        if profile is not None:
-            profile.disable()
-            profile.dump_stats(str(certdir / f"{variant}-{role}.pstats"))
-        os._exit(0)
-
-    profile = None
-    if os.environ.get("NEWCONN_PROFILE") == variant:  # --profile: CPU profile on SIGTERM
-        import cProfile
-
-        profile = cProfile.Profile(time.process_time)
-        profile.enable()
-    signal.signal(signal.SIGTERM, report)
-
-    async def handle(sock: socket.socket) -> None:
-        started = trio.current_time()
-        if role == "outbound":
-            await outbound._to_mesh_service(deps, view, sock, "api", started)
-            return
-        client = f"{sock.getpeername()[0]}:{sock.getpeername()[1]}"
-        accepted = await inbound._accept(deps, view, local, sock, client)
-        if isinstance(accepted, str):
-            print(f"inbound refused: {accepted}", file=sys.stderr)
-            sock.close()
-            return
-        downstream, source = accepted
-        await inbound._forward(deps, view, conns, downstream, source, local,
-                               ("127.0.0.1", target), started, client)  # fmt: skip
-
-    listener = trio.socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    await listener.bind(("127.0.0.1", port))
-    listener.listen(1024)
-    async with trio.open_nursery() as nursery:
-        while True:
-            accepted, _ = await listener.accept()
-            nursery.start_soon(handle, socket.socket(fileno=accepted.detach()))
+SYSTEMS = ("direct", "consul", "meshd-full", "meshd-nomem", "meshd-cold", "meshd")
+VARIANTS = {"meshd-full": "full", "meshd-nomem": "nomem", "meshd-cold": "resume", "meshd": "warm"}
 
 
 # ------------------------------------------------------------------------------- load
@@ -321,7 +176,7 @@ def write_section(text: str) -> None:
 
     consul = subprocess.run(["consul", "version"], capture_output=True, text=True, check=False)
     body = (
-        "## New connection per request (issue 6 item 3, ADR 008)\n\n"
+        "## New connection per request (issue 6 item 3, ADR 008 and 010)\n\n"
         f"`python -m bench.newconn_bench {' '.join(sys.argv[1:])}`, "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f}, Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, "
@@ -346,8 +201,8 @@ def start_meshd(
     target = upstream
     for role in ("inbound", "outbound"):
         port = _free_port()
-        cmd = [sys.executable, "-m", "bench.newconn_bench", "--child", role, variant, str(port),
-               str(target), str(certdir)]  # fmt: skip
+        cmd = [sys.executable, "-m", "bench.agent_pair", role, variant, str(port), str(target),
+               str(certdir)]  # fmt: skip
         proc = Proc(cmd=cmd, port=port)
         procs.append(proc)
         pair.insert(0, proc)
@@ -371,7 +226,7 @@ def main() -> None:
         parser.error("seconds x rounds x systems must stay under 60 s, rate x seconds <= 5000")
     os.chdir(REPO)
     if args.profile:
-        os.environ["NEWCONN_PROFILE"] = "resume"
+        os.environ["NEWCONN_PROFILE"] = "warm"
     with tempfile.TemporaryDirectory() as tmp:
         certdir = Path(tmp)
         write_pki(certdir)
@@ -401,13 +256,9 @@ def main() -> None:
 
             for role in ("outbound", "inbound"):
                 print(f"\n--- meshd {role} proxy: CPU profile ---")
-                stats = pstats.Stats(str(certdir / f"resume-{role}.pstats"))
+                stats = pstats.Stats(str(certdir / f"warm-{role}.pstats"))
                 stats.sort_stats("tottime").print_stats(14)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--child"]:
-        role, variant, port, target, certdir = sys.argv[2:7]
-        trio.run(serve_meshd, role, variant, int(port), int(target), Path(certdir))
-    else:
-        main()
+    main()

@@ -6,10 +6,10 @@ returns where the load generator connects plus the PIDs whose CPU is charged to 
     class PairLauncher(Protocol):
         def start_pair(self, upstream: Addr) -> tuple[Addr, tuple[int, ...]]: ...
 
-To benchmark the real ``meshd-agent`` proxies, write a launcher that starts them (outbound
-listening where the generator connects, inbound in front of ``upstream``), make it return
-both agents' PIDs, and register it in :func:`launchers` under ``meshd``. Processes must be
-started with ``env.procs.start`` so that they are ended on every exit path.
+``meshd`` is :class:`AgentPair`: the agent's own proxy handlers, each side its own
+process (``bench.agent_pair``). ``meshd-naive`` is the trio.SSLStream baseline the issue
+started from (``bench.meshd_pair naive``). Processes must be started with
+``env.procs.start`` so that they are ended on every exit path.
 """
 
 from __future__ import annotations
@@ -95,6 +95,37 @@ class TrioPair:
                     "--listen", f"{listen[0]}:{listen[1]}", "--upstream", f"{up[0]}:{up[1]}",
                     "--ca", str(pki.ca), "--cert", str(cert)]  # fmt: skip
             child = self.env.procs.start(f"meshd-{self.impl}-{role}", argv, cwd=REPO,
+                                         env={"PYTHONPATH": str(REPO)})  # fmt: skip
+            self.env.procs.wait_listening(child, *listen, timeout=15)
+            pids.append(child.pid)
+        wait_http_ok(outbound, timeout=15)
+        return outbound, tuple(pids)
+
+
+class AgentPair:
+    """``bench.agent_pair`` processes: the agent's own proxy handlers, as shipped.
+
+    SPIFFE SVIDs from ``meshd.pki``, peer verification and intentions on every connection,
+    the epoll pump engine, TLS resumption and warm connections (docs/adr/008, 010).
+    """
+
+    def __init__(self, env: Env, variant: str = "warm") -> None:
+        self.env = env
+        self.variant = variant
+
+    def start_pair(self, upstream: Addr) -> tuple[Addr, tuple[int, ...]]:
+        from bench.agent_pair import write_pki
+
+        certdir = self.env.workdir / f"agent-pki-{self.variant}"
+        if not certdir.exists():
+            certdir.mkdir(mode=0o700)
+            write_pki(certdir)
+        inbound, outbound = (HOST, free_port()), (HOST, free_port())
+        pids = []
+        for role, listen, up in (("inbound", inbound, upstream), ("outbound", outbound, inbound)):
+            argv = [sys.executable, "-m", "bench.agent_pair", role, self.variant,
+                    str(listen[1]), str(up[1]), str(certdir)]  # fmt: skip
+            child = self.env.procs.start(f"meshd-agent-{role}", argv, cwd=REPO,
                                          env={"PYTHONPATH": str(REPO)})  # fmt: skip
             self.env.procs.wait_listening(child, *listen, timeout=15)
             pids.append(child.pid)
@@ -213,7 +244,7 @@ def launchers(env: Env) -> dict[str, PairLauncher]:
         "direct": Direct(env),
         "consul": ConsulPair(env),
         "haproxy": HAProxyPair(env),
-        "meshd": TrioPair(env, "fast"),
+        "meshd": AgentPair(env),
         "meshd-naive": TrioPair(env, "naive"),
     }
 
@@ -226,7 +257,7 @@ def available(name: str) -> str | None:
         return "consul not installed"
     if name == "meshd":
         try:
-            for module in ("agent.pump", "agent.tlsconn"):
+            for module in ("agent.outbound", "agent.inbound", "agent.epollpump"):
                 importlib.import_module(module)
         except ImportError as exc:
             return f"agent fast path not importable: {exc}"

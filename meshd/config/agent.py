@@ -74,6 +74,10 @@ class ProxyConfig:
         engine: what copies the bytes of established connections: ``trio`` tasks, or
             ``epoll``, a dedicated epoll thread (docs/adr/003-fast-tls-pump.md).
         close_denied: close open inbound connections that a changed policy now denies.
+        warm_connections: connections per recently used endpoint that the outbound proxy
+            opens and verifies ahead of need (0 turns it off; docs/adr/010).
+        warm_idle_timeout: close a warm connection not used for this long, and stop
+            keeping an endpoint warm that was not used for this long.
     """
 
     outbound_port: int = 15001
@@ -85,6 +89,8 @@ class ProxyConfig:
     drain_timeout: float = 30.0
     engine: PumpEngineName = "epoll"
     close_denied: bool = True
+    warm_connections: int = 2
+    warm_idle_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -192,10 +198,13 @@ def _node(table: Table) -> NodeConfig:
     )
 
 
+WARM = ("warm_connections", "warm_idle_timeout")
+
+
 def _proxy(table: Table) -> ProxyConfig:
     ports = ("outbound_port", "inbound_port", "admin_port")
     timeouts = ("idle_timeout", "connect_timeout", "drain_timeout")
-    table.only(*ports, "user", *timeouts, "engine", "close_denied")
+    table.only(*ports, "user", *timeouts, "engine", "close_denied", *WARM)
     d = ProxyConfig()
     config = ProxyConfig(
         outbound_port=table.get("outbound_port", fields.port, d.outbound_port),
@@ -207,6 +216,11 @@ def _proxy(table: Table) -> ProxyConfig:
         drain_timeout=table.get("drain_timeout", fields.duration(0, HOUR), d.drain_timeout),
         engine=table.get("engine", fields.choice(*get_args(PumpEngineName)), d.engine),
         close_denied=table.get("close_denied", fields.boolean, d.close_denied),
+        warm_connections=table.get("warm_connections", fields.integer(0, 16), d.warm_connections),
+        # Below the inbound proxy's 120 s wait for first use, so it never closes one first.
+        warm_idle_timeout=table.get(
+            "warm_idle_timeout", fields.duration(1, 60), d.warm_idle_timeout
+        ),
     )
     # The three listeners share the host's port space: a clash would fail at bind time,
     # far from the line that caused it.
