@@ -33,9 +33,10 @@ def speaks_carrier(tls: TLSConnection) -> bool:
     return tls.alpn == MESH_ALPN
 
 
-async def send_go(tls: TLSConnection) -> None:
-    """Tell the inbound proxy this connection now carries an application connection."""
-    await tls.send_all(GO)
+async def send_go(tls: TLSConnection, first: bytes = b"") -> None:
+    """Tell the inbound proxy this connection now carries an application connection;
+    *first*, the application's first bytes, go in the same record."""
+    await tls.send_all(GO + first)
 
 
 async def receive_go(tls: TLSConnection, *, timeout: float) -> bytes:

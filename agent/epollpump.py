@@ -219,10 +219,13 @@ def _side_from(conn: Connection, job: _Job) -> _Side:
         side.stash, side.stash_end, side.eof_sent = state.stash, state.stash_end, state.eof_sent
         side.rbuf = memoryview(bytearray(_RAW_BUFFER))
         if not state.obj.server_side:
-            # Still on the trio thread, which owns the object until the job is queued.
-            state.obj.__dict__[_SESSION_KEY] = side.ssl.session
             state.obj.__class__ = _EngineOwnedSSLObject
-            side.watch_ticket = True
+            if conn.harvest_ticket:
+                # Still on the trio thread, which owns the object until the job is queued.
+                # Reading a session copies it (~0.5 ms), so only for the connection the
+                # session cache will harvest a ticket from.
+                state.obj.__dict__[_SESSION_KEY] = side.ssl.session
+                side.watch_ticket = True
         return side
     raise TypeError(f"the epoll engine cannot pump a {type(conn).__name__}")
 

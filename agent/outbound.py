@@ -13,6 +13,7 @@ dials it directly (the proxy's own uid is excluded from redirection, so this is 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import socket
 import ssl
@@ -32,6 +33,7 @@ from meshd.snapshot import Endpoint
 
 DIRECTION = "outbound"
 TICKET_WAIT_S = 0.5
+FIRST_READ = 16384  # one TLS record's worth
 
 
 async def handle_outbound(deps: ProxyDeps, conn: socket.socket) -> None:
@@ -135,7 +137,15 @@ async def _to_mesh_service(
             reason=reason,
         )
         return
-    upstream = await _dial(deps, view, service, ctx)
+    # What the application already sent goes in the same record as GO (or first, for an
+    # older peer): the far proxy then has the request with its GO, with no wait for ours.
+    try:
+        first = _available(conn)
+    except OSError as exc:
+        reject(deps, conn, direction=DIRECTION, source=local.name, destination=service,
+               started=started, outcome="reset", reason=str(exc))  # fmt: skip
+        return
+    upstream = await _dial(deps, view, service, ctx, first)
     if isinstance(upstream, str):
         reject(
             deps,
@@ -149,6 +159,8 @@ async def _to_mesh_service(
         )
         return
     result = await deps.pump(PlainConnection(conn), upstream, idle_timeout=deps.timeouts.idle)
+    if first:
+        result = dataclasses.replace(result, bytes_a_to_b=result.bytes_a_to_b + len(first))
     finish(
         deps,
         direction=DIRECTION,
@@ -161,6 +173,15 @@ async def _to_mesh_service(
     )
 
 
+def _available(conn: socket.socket) -> bytes:
+    """What the client has sent so far, without waiting (b"" for nothing, or at EOF, which
+    the pump then reads again)."""
+    try:
+        return conn.recv(FIRST_READ, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b""
+
+
 def _cannot_dial(view: DataPlaneView, has_identity: bool) -> str | None:
     if view.bundle is None:
         return f"no trust bundle: {view.bundle_error}"
@@ -170,15 +191,15 @@ def _cannot_dial(view: DataPlaneView, has_identity: bool) -> str | None:
 
 
 async def _dial(
-    deps: ProxyDeps, view: DataPlaneView, service: str, ctx: ssl.SSLContext
+    deps: ProxyDeps, view: DataPlaneView, service: str, ctx: ssl.SSLContext, first: bytes
 ) -> TLSConnection | str:
     """Connect and verify an endpoint of *service*, trying the next on connect failure.
 
     The balancer's first choice is served from the warm pool when it has a connection
     (docs/adr/010); the pool is then topped up in the background.
 
-    Returns the verified connection, ready for application bytes (``GO`` already sent on
-    ``meshd/1``), or the reason every attempt failed.
+    Returns the verified connection, ready for the rest of the application's bytes: ``GO``
+    (on ``meshd/1``) and *first* are sent. Or the reason every attempt failed.
     """
     endpoints = view.snapshot.endpoints(service)
     order: tuple[Endpoint, ...] = deps.balancer.attempt_order(service, endpoints)
@@ -190,7 +211,7 @@ async def _dial(
         if attempt:
             deps.metrics.connect_retries.labels(service).inc()
         else:
-            warm = await _take_warm(deps, view, service, ctx, key)
+            warm = await _take_warm(deps, view, service, ctx, key, first)
             if warm is not None:
                 _replenish(deps, service, ctx, endpoint)
                 return warm
@@ -203,8 +224,7 @@ async def _dial(
         if isinstance(tls, str):
             return tls
         try:
-            if speaks_carrier(tls):
-                await send_go(tls)
+            await _begin(tls, first)
         except BaseException as exc:
             tls.abort()
             if not isinstance(exc, OSError):
@@ -216,10 +236,24 @@ async def _dial(
     return last
 
 
+async def _begin(tls: TLSConnection, first: bytes) -> None:
+    """Put *tls* to use: ``GO`` with *first* in one record on ``meshd/1``, else *first*."""
+    if speaks_carrier(tls):
+        await send_go(tls, first)
+    elif first:
+        await tls.send_all(first)
+
+
 async def _take_warm(
-    deps: ProxyDeps, view: DataPlaneView, service: str, ctx: ssl.SSLContext, key: EndpointKey
+    deps: ProxyDeps,
+    view: DataPlaneView,
+    service: str,
+    ctx: ssl.SSLContext,
+    key: EndpointKey,
+    first: bytes,
 ) -> TLSConnection | None:
-    """A warm connection to *key*, peer re-verified now and ``GO`` sent; None on a miss."""
+    """A warm connection to *key*, peer re-verified now, put to use with *first*; None on a
+    miss (or if it failed before anything was sent: *first* is then sent on another)."""
     assert view.bundle is not None  # _cannot_dial checked it
     tls = deps.warm.take(ctx, service, key)
     if tls is None:
@@ -235,7 +269,7 @@ async def _take_warm(
             expected_service=service,
             now=deps.wall_clock(),
         )
-        await send_go(tls)
+        await send_go(tls, first)
     except BaseException as exc:
         tls.abort()
         if not isinstance(exc, PeerRejected | OSError):
@@ -324,7 +358,7 @@ async def _secure(
         deps.sessions.forget(service, key)
         deps.metrics.tls_failures.labels(DIRECTION, "peer_identity").inc()
         return f"{endpoint.address}:{endpoint.port}: peer identity rejected: {exc}"
-    deps.sessions.connected(
+    tls.harvest_ticket = deps.sessions.connected(
         ctx, service, key, tls.ssl_object, verified.valid_until, deps.wall_clock()
     )
     return tls

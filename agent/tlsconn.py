@@ -122,6 +122,9 @@ class TLSConnection:
         # Plaintext decrypted early by send_eof() and the error/EOF that ended it, if any.
         self._stash = bytearray()
         self._stash_end: BaseException | None = None
+        # Whether someone will read this (client) connection's session for its ticket
+        # (the session cache); the epoll engine publishes it only then.
+        self.harvest_ticket = True
 
     def fileno(self) -> int:
         """The raw socket's file descriptor."""

@@ -91,13 +91,16 @@ class SessionCache:
         conn: ssl.SSLObject,
         peer_valid_until: dt.datetime,
         now: dt.datetime,
-    ) -> None:
+    ) -> bool:
         """Record a connection whose peer has been verified: its ticket is used later.
 
         Call only after the peer verification succeeded. A full handshake (``conn`` did not
         resume) replaces whatever the entry held: a session that was offered and declined
         is worth nothing now. After a resumption the entry keeps its session until half its
         ticket lifetime has passed (reading a new one costs a copy, see the module note).
+
+        Returns:
+            True if *conn* is kept to take a ticket from (its ``session`` will be read).
         """
         key = (service, endpoint)
         entry = self._entries.get(key)
@@ -113,11 +116,12 @@ class SessionCache:
             self._entries.move_to_end(key)
             session = entry.session
             if session is not None and t < session.time + session.timeout / 2:
-                return
+                return False
         entry.source, entry.source_until = conn, peer_valid_until.timestamp()
         entry.harvest_after = 0.0
         if len(self._entries) > self._max:
             self._entries.popitem(last=False)
+        return True
 
     def forget(self, service: str, endpoint: Endpoint) -> None:
         """Drop the entry, e.g. after a resumed connection failed its peer verification."""

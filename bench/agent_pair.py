@@ -115,6 +115,8 @@ async def serve_meshd(
             self._entries.clear()
             return super().verify(*args, **kwargs)
 
+    from agent.listener import open_listener, serve_accept_loop
+    from agent.proxycore import peer_of
     from agent.warmpool import WarmPool
 
     bundle_raw = (certdir / "bundle.json").read_bytes()
@@ -181,14 +183,12 @@ async def serve_meshd(
         if role == "outbound":
             await outbound._to_mesh_service(deps, view, sock, "api", started)
             return
-        client = f"{sock.getpeername()[0]}:{sock.getpeername()[1]}"
+        client = peer_of(sock)
         await inbound.serve_inbound(deps, conns, sock, ("127.0.0.1", target), client=client,
                                     started=started)  # fmt: skip
 
-    listener = trio.socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    await listener.bind(("127.0.0.1", port))
-    listener.listen(1024)
+    # The agent's own listener and accept loop.
+    listener = open_listener("127.0.0.1", port, inherited={})
     async with contextlib.AsyncExitStack() as stack:
         if engine == "epoll":
             from agent.epollpump import open_pump_engine
@@ -196,9 +196,7 @@ async def serve_meshd(
             deps.pump = (await stack.enter_async_context(open_pump_engine())).pump
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(deps.warm.serve)
-        while True:
-            accepted, _ = await listener.accept()
-            nursery.start_soon(handle, socket.socket(fileno=accepted.detach()))
+        await serve_accept_loop(listener, handle, nursery, log=log, name=role)
 
 
 def main(argv: list[str] | None = None) -> None:
