@@ -246,6 +246,27 @@ def finished(proc: Process, timeout_s: float) -> dict[str, object]:
     return done[-1]
 
 
+# -- 0. warm connections (ADR 010) -------------------------------------------------------
+def test_new_connections_take_warm_ones_and_unused_ones_never_reach_the_app(mesh: Mesh) -> None:
+    api = mesh.lab.hosts["api"]
+    api_app = app_of(mesh, "api", API_PORT)
+    payload = b"warm-connection-probe-31\n"  # a length no other test sends
+    calls = 6
+    for _ in range(calls):
+        res = mesh.call("web", api.address, API_PORT, payload)
+        assert res.returncode == 0 and payload.decode() in res.stdout, res.stderr
+        time.sleep(0.3)  # the pool tops up between calls
+    # The real agent's pool: after the first call, every one was served warm, and two
+    # connections are kept ready ...
+    assert metric(mesh, "web", "meshd_warm_connections_total", outcome="hit") >= calls - 1
+    assert metric(mesh, "web", "meshd_warm_connections_idle") >= 1
+    # ... which the api host holds without dialling its application: exactly one
+    # application connection per call.
+    time.sleep(0.5)  # the app logs a connection when it ends
+    carried = [c for c in app_connections(api_app) if c[1] == len(payload)]
+    assert len(carried) == calls, app_connections(api_app)[-20:]
+
+
 # -- 1. wrong peer ------------------------------------------------------------------------
 def test_outbound_refuses_a_peer_presenting_another_services_certificate(mesh: Mesh) -> None:
     db, api = mesh.lab.hosts["db"], mesh.lab.hosts["api"]
