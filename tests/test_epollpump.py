@@ -187,6 +187,46 @@ async def test_server_half_close_still_gets_request(
     assert {r.outcome for r in path.results.values()} == {"closed"}
 
 
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
+)
+async def test_fin_racing_data_in_flight_loses_none_of_it(
+    engine: PumpEngine, listener: socket.socket, version: ssl.TLSVersion
+) -> None:
+    """The upstream half-closes while the app's stream is backed up in the engines.
+
+    The inbound engine then sends close_notify while it holds bytes it could not deliver
+    yet and TLS records it has received but not decrypted: ``read_received_records`` must
+    stash those first (OpenSSL's second ``SSL_shutdown`` would read them and fail with
+    APPLICATION_DATA_AFTER_CLOSE_NOTIFY). All of it still arrives, in order, and both
+    ends close cleanly. (Checked: skipping that stash, or finishing a connection when one
+    direction ends, fails this test.)
+    """
+    pki = _contexts(trustme.CA(), max_version=version)
+    # 14 MB, order-checkable: more than loopback's socket buffers can swallow (autotuned to a
+    # few MB), so the stream is still backed up in the proxies when the FIN comes.
+    payload = b"".join(b"%08d;" % i for i in range(1_600_000))
+    for _ in range(3):
+        with trio.fail_after(TIMEOUT):
+            async with open_mesh_path(engine, listener, pki) as path:
+                async with trio.open_nursery() as nursery:
+
+                    async def send() -> None:
+                        await path.app.send_all(payload)
+                        await path.app.send_eof()
+
+                    nursery.start_soon(send)
+                    got = bytearray(await path.upstream.receive_some(65536))
+                    # Stop reading: the inbound side backs up with records in its BIO ...
+                    await trio.sleep(0.2)
+                    # ... and half-closes (close_notify) while they are there.
+                    await path.upstream.send_eof()
+                    got += await receive_all(path.upstream)
+                assert await receive_all(path.app) == b""  # the upstream's EOF arrived
+        assert bytes(got) == payload
+        assert {r.outcome for r in path.results.values()} == {"closed"}
+
+
 async def test_buffered_tls_bytes_are_handed_over(
     engine: PumpEngine, listener: socket.socket, pki: Pki
 ) -> None:
