@@ -335,3 +335,37 @@ def test_malformed_document_denies_its_destination_only(baseline: Mesh) -> None:
     assert any(e["destination"] == "api" for e in agent_events(mesh, "api", "invalid_intentions"))
     metrics = mesh.wait_admin("api", "/metrics")
     assert 'meshd_config_errors{kind="intentions"} 1.0' in metrics
+
+
+def _restart_agent(mesh: Mesh, host: str, *, close_denied: bool) -> None:
+    """Restart *host*'s agent with ``[proxy] close_denied`` set as given."""
+    mh = mesh.hosts[host]
+    toml = mh.dir / "agent.toml"
+    text = toml.read_text().replace("close_denied = false\n", "")
+    if not close_denied:
+        text = text.replace("[proxy]\n", "[proxy]\nclose_denied = false\n")
+    toml.write_text(text)
+    assert mh.agent is not None
+    mh.agent.stop()
+    mesh.start_agent(host)
+    mesh.wait_passing(host, 1)
+
+
+def test_with_close_denied_off_open_connections_outlive_a_deny(baseline: Mesh) -> None:
+    mesh = baseline
+    api = mesh.lab.hosts["api"]
+    _restart_agent(mesh, "api", close_denied=False)
+    try:
+        assert wait_outcome(mesh, "web", api.address, API_PORT, ok=True, timeout_s=30)
+        holder = start_client(mesh, "web", "hold", api.address, API_PORT, limit_s=30)
+        wait_lines(holder, lambda line: line.get("event") == "open", timeout_s=10, what="hold")
+        mesh.meshctl("intention", "create", "web", "api", "--deny", "--replace")
+        # New connections are refused as usual ...
+        assert not wait_outcome(mesh, "web", api.address, API_PORT, ok=False, timeout_s=5)
+        # ... while the one already open stays open, well past the 2 s the default takes.
+        time.sleep(OPEN_CONNECTIONS_BUDGET_S + 1.0)
+        assert not [line for line in client_lines(holder) if line.get("event") == "closed"]
+        holder.stop()
+        assert not agent_events(mesh, "api", "connections_closed_by_policy")
+    finally:
+        _restart_agent(mesh, "api", close_denied=True)
