@@ -31,6 +31,9 @@ NEXT_SIGNING = "next-signing-ca"
 PREVIOUS_SIGNING = "previous-signing-ca"
 
 
+DEFAULT_LEAF_TTL = dt.timedelta(hours=24)
+
+
 class CaCommandError(MeshdError):
     """A ``meshctl ca`` command cannot proceed."""
 
@@ -190,10 +193,10 @@ class _Duration(click.ParamType[dt.timedelta, Any]):
 @click.option(
     "--max-leaf-ttl",
     type=_Duration(bare_hours=True),
-    default="24h",
-    show_default=True,
+    default=None,
     help="Longest leaf lifetime meshd servers issue (bounds retirement); e.g. 24h, 72h. "
-    "A bare number is hours.",
+    "A bare number is hours. Default: the longest any meshd server published under "
+    "<kv-prefix>ca/leaf-ttl/, else 24h.",
 )
 @click.option(
     "--reload-grace",
@@ -205,7 +208,7 @@ class _Duration(click.ParamType[dt.timedelta, Any]):
 )
 @kv_prefix_option
 def rotate(
-    directory: Path, max_leaf_ttl: dt.timedelta, reload_grace: dt.timedelta, kv_prefix: str
+    directory: Path, max_leaf_ttl: dt.timedelta | None, reload_grace: dt.timedelta, kv_prefix: str
 ) -> None:
     """Advance a root rotation by one step; run again for the next.
 
@@ -213,14 +216,19 @@ def rotate(
     (the old root retires only after every leaf it signed has expired).
     """
     key = _bundle_key(kv_prefix)
-    before, after = trio.run(_rotate, directory, max_leaf_ttl + reload_grace, key)
+    ttls_at = f"{kv_prefix.rstrip('/')}/{rotation.LEAF_TTL_KEY}"
+    before, after = trio.run(_rotate, directory, (max_leaf_ttl, reload_grace, ttls_at), key)
     click.echo(f"rotation: {before} -> {after}")
     bundle, _ = trio.run(_read_bundle, key)
     for root in bundle.roots:
         click.echo(f"  {root.id[:16]}  {root.state.value}")
 
 
-async def _rotate(directory: Path, old_leaves_for: dt.timedelta, key: str) -> tuple[str, str]:
+async def _rotate(
+    directory: Path,
+    leaf_bounds: tuple[dt.timedelta | None, dt.timedelta, str],
+    key: str,
+) -> tuple[str, str]:
     bundle, index = await _read_bundle(key)
     phase = rotation.phase_of(bundle)
     now = dt.datetime.now(dt.UTC)
@@ -239,7 +247,9 @@ async def _rotate(directory: Path, old_leaves_for: dt.timedelta, key: str) -> tu
         new_root = cadir.load(directory, cadir.NEXT_ROOT)
         updated = rotation.add_cross_signatures(bundle, active, new_root, now=now)
     elif phase is rotation.Phase.CROSS_SIGNED:
-        updated = _switch(directory, bundle, active, now, old_leaves_for)
+        given, reload_grace, ttls_at = leaf_bounds
+        leaf_ttl = _leaf_ttl_bound(given, await _published_leaf_ttls(ttls_at), ttls_at)
+        updated = _switch(directory, bundle, active, now, leaf_ttl + reload_grace)
     else:
         updated = rotation.retire_old_root(bundle, now=now)
     await _publish(key, updated, index)
@@ -248,6 +258,57 @@ async def _rotate(directory: Path, old_leaves_for: dt.timedelta, key: str) -> tu
     elif phase is rotation.Phase.NEW_ROOT_SIGNING:
         _remove_retired_keys(directory, updated)
     return phase.value, rotation.phase_of(updated).value
+
+
+async def _published_leaf_ttls(prefix: str) -> dict[str, float]:
+    """Each meshd server's leaf lifetime (seconds) as it published it at start."""
+    async with open_consul(ConsulSettings.from_env()) as consul:
+        _, entries = await consul.kv_list(prefix)
+    found = {}
+    for entry in entries:
+        value = _leaf_ttl_of(entry.value)
+        if value is None:
+            raise CaCommandError(
+                f'{entry.key}: expected {{"leaf_ttl_s": <seconds>}}; fix or delete it, or '
+                "pass --max-leaf-ttl"
+            )
+        found[entry.key.removeprefix(prefix)] = value
+    return found
+
+
+def _leaf_ttl_of(raw: bytes) -> float | None:
+    try:
+        value = json.loads(raw)["leaf_ttl_s"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return None
+    return float(value)
+
+
+def _leaf_ttl_bound(
+    given: dt.timedelta | None, published: dict[str, float], prefix: str
+) -> dt.timedelta:
+    """How long leaves signed under the old root may live: what the operator said, else the
+    longest a server published, else 24 h; with a warning where that looks wrong."""
+    longest = max(published.items(), key=lambda kv: kv[1], default=None)
+    if given is not None:
+        if longest is not None and given.total_seconds() < longest[1]:
+            click.echo(
+                f"warning: --max-leaf-ttl {given} is shorter than the leaves meshd server "
+                f"{longest[0]} issues ({dt.timedelta(seconds=longest[1])}): those signed "
+                "under the old root stop verifying when it retires",
+                err=True,
+            )
+        return given
+    if longest is None:
+        click.echo(
+            f"warning: no meshd server has published its leaf lifetime under {prefix}; "
+            "assuming 24h (pass --max-leaf-ttl if the servers issue longer leaves)",
+            err=True,
+        )
+        return DEFAULT_LEAF_TTL
+    return dt.timedelta(seconds=longest[1])
 
 
 def _switch(

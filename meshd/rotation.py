@@ -34,6 +34,10 @@ from meshd.errors import MeshdError
 from meshd.pki import CertificateAuthority, cross_sign
 from meshd.trustbundle import BundleRoot, RootState, TrustBundle
 
+# Under the KV prefix: one key per meshd server, {"leaf_ttl_s": <seconds>} (the lifetime of
+# the leaves it signs), so that a rotation keeps the old root long enough.
+LEAF_TTL_KEY = "ca/leaf-ttl/"
+
 
 class RotationError(MeshdError):
     """A rotation step is not allowed now (wrong phase, guard not met, wrong CA)."""

@@ -279,6 +279,13 @@ async def test_bundle_and_health(ca: Harness) -> None:
     assert (await _raw(ca, "GET", "/v1/bundle")).content == ca.mesh_ca.bundle.to_json()
 
 
+async def test_server_publishes_its_leaf_lifetime_for_rotations(ca: Harness) -> None:
+    # meshctl ca rotate keeps the old root until leaves of this lifetime have expired.
+    _, entry = await ca.consul.kv_get(f"{ca.prefix}ca/leaf-ttl/test")
+    assert entry is not None
+    assert json.loads(entry.value) == {"leaf_ttl_s": TTL_S}
+
+
 async def test_rate_limit_answers_429(mesh_ca, consul_settings, consul_kv_prefix) -> None:
     async for ca in _start(mesh_ca, consul_settings, consul_kv_prefix, rate=2):
         statuses = []

@@ -236,6 +236,83 @@ def test_rotate_sets_retire_after_from_the_leaf_ttl_and_the_reload_grace(
     assert abs((retiring.retire_after - expected).total_seconds()) < 60
 
 
+def put_raw(consul_agent: ConsulAgentProcess, key: str, value: bytes) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{consul_agent.http_address}/v1/kv/{key}",
+        data=value,
+        method="PUT",
+        headers={"X-Consul-Token": consul_agent.token},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.read().strip() == b"true"
+
+
+def retire_after(consul_agent: ConsulAgentProcess, prefix: str) -> dt.datetime:
+    retiring = next(r for r in kv_bundle(consul_agent, prefix).roots if r.retire_after)
+    assert retiring.retire_after is not None
+    return retiring.retire_after
+
+
+def to_switch(run: Run, ca_dir: Path) -> None:
+    """init, then the two rotate steps before the switch (which sets retire_after)."""
+    assert run("init", "--dir", str(ca_dir), "--trust-domain", TD).exit_code == 0
+    for _ in range(2):
+        assert run("rotate", "--dir", str(ca_dir)).exit_code == 0
+    assert roots_json(run)["phase"] == "cross-signed"
+
+
+def test_rotate_keeps_the_old_root_as_long_as_the_longest_published_leaf_ttl(
+    run: Run, tmp_path: Path, consul_agent: ConsulAgentProcess, consul_kv_prefix: str
+) -> None:
+    to_switch(run, tmp_path / "ca")
+    # What two meshd servers published at start (meshd.server.duties.publish_leaf_ttl).
+    put_raw(consul_agent, f"{consul_kv_prefix}ca/leaf-ttl/s1", b'{"leaf_ttl_s": 259200}')
+    put_raw(consul_agent, f"{consul_kv_prefix}ca/leaf-ttl/s2", b'{"leaf_ttl_s": 3600}')
+    result = run("rotate", "--dir", str(tmp_path / "ca"), "--reload-grace", "30m")
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+    expected = dt.datetime.now(dt.UTC) + dt.timedelta(hours=72, minutes=30)
+    assert abs((retire_after(consul_agent, consul_kv_prefix) - expected).total_seconds()) < 60
+
+
+def test_rotate_warns_when_told_a_shorter_leaf_ttl_than_a_server_issues(
+    run: Run, tmp_path: Path, consul_agent: ConsulAgentProcess, consul_kv_prefix: str
+) -> None:
+    to_switch(run, tmp_path / "ca")
+    put_raw(consul_agent, f"{consul_kv_prefix}ca/leaf-ttl/s1", b'{"leaf_ttl_s": 259200}')
+    result = run("rotate", "--dir", str(tmp_path / "ca"), "--max-leaf-ttl", "1h")
+    assert result.exit_code == 0, result.output
+    assert "shorter than the leaves meshd server s1 issues (3 days" in result.output
+    expected = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)  # 1h + the 1h default grace
+    assert abs((retire_after(consul_agent, consul_kv_prefix) - expected).total_seconds()) < 60
+
+
+def test_rotate_without_published_leaf_ttls_assumes_24h_and_says_so(
+    run: Run, tmp_path: Path, consul_agent: ConsulAgentProcess, consul_kv_prefix: str
+) -> None:
+    to_switch(run, tmp_path / "ca")
+    result = run("rotate", "--dir", str(tmp_path / "ca"), "--reload-grace", "1h")
+    assert result.exit_code == 0, result.output
+    assert "no meshd server has published its leaf lifetime" in result.output
+    expected = dt.datetime.now(dt.UTC) + dt.timedelta(hours=25)
+    assert abs((retire_after(consul_agent, consul_kv_prefix) - expected).total_seconds()) < 60
+
+
+def test_rotate_refuses_a_malformed_published_leaf_ttl_and_changes_nothing(
+    run: Run, tmp_path: Path, consul_agent: ConsulAgentProcess, consul_kv_prefix: str
+) -> None:
+    to_switch(run, tmp_path / "ca")
+    for bad in (b'{"leaf_ttl_s": "72h"}', b"not json", b'{"leaf_ttl_s": -5}', b"[1]"):
+        put_raw(consul_agent, f"{consul_kv_prefix}ca/leaf-ttl/s1", bad)
+        result = run("rotate", "--dir", str(tmp_path / "ca"))
+        # (meshctl's entry point prints a CaCommandError as one line; see the next test.)
+        assert isinstance(result.exception, CaCommandError), (bad, result.output)
+        assert f"{consul_kv_prefix}ca/leaf-ttl/s1: expected" in str(result.exception)
+        assert roots_json(run)["phase"] == "cross-signed"
+
+
 def test_rotate_refuses_a_directory_that_does_not_match(run: Run, tmp_path: Path) -> None:
     assert run("init", "--dir", str(tmp_path / "ca"), "--trust-domain", TD).exit_code == 0
     other = tmp_path / "other"

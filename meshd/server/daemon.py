@@ -23,7 +23,7 @@ from meshd.consul.errors import ConsulError
 from meshd.errors import MeshdError
 from meshd.server.api import SigningApi, SigningApiStatistics
 from meshd.server.ca import AuthorityStatistics, CaLoadError, SigningAuthority
-from meshd.server.duties import serve_leader_duties
+from meshd.server.duties import publish_leaf_ttl, serve_leader_duties
 from meshd.server.http import HttpsServer, HttpsStatistics
 from meshd.server.leader import Leadership, LeadershipStatistics
 from meshd.server.ratelimit import RateLimiter
@@ -191,6 +191,7 @@ async def serve_meshd(
             f"the trust bundle is for {watch.current().trust_domain} but the signing CA "
             f"is for {authority.trust_domain}"
         )
+    await publish_leaf_ttl(consul, prefix, options.name, authority.leaf_ttl_s)
     tls = ServerTls(authority, datacenter, watch.current, wall_clock=wall_clock)
     api = _signing_api(consul, authority, watch, datacenter, prefix, options, wall_clock)
     leadership = Leadership(

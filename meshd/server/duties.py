@@ -61,6 +61,22 @@ async def retire_once(
     return True
 
 
+async def publish_leaf_ttl(
+    consul: ConsulClient, prefix: str, server: str, leaf_ttl_s: float
+) -> None:
+    """Publish how long this server's leaves live, under ``<prefix>ca/leaf-ttl/<server>``.
+
+    ``meshctl ca rotate`` keeps the old root trusted until every leaf it signed has
+    expired, so it needs the longest leaf lifetime any server issues. Each server writes its
+    own key at start; a stale key of a retired server only makes that bound longer.
+
+    Raises:
+        ConsulError: Consul failed or refused the write.
+    """
+    body = json.dumps({"leaf_ttl_s": leaf_ttl_s}).encode()
+    await consul.kv_put(f"{prefix}{rotation.LEAF_TTL_KEY}{server}", body)
+
+
 async def serve_leader_duties(
     consul: ConsulClient,
     bundle_key: str,
