@@ -1,6 +1,8 @@
 """The epoll pump engine: the L4 byte pump's per-chunk work on a dedicated ``select.epoll`` thread.
 
-Design note (measurements and the decision in docs/adr/003-fast-tls-pump.md):
+Design note (measurements and the decision in docs/adr/003-fast-tls-pump.md). This module
+is the loop and the hand-over; a connection's state and its per-socket steps (read, write,
+half-close, the fast paths) are in :mod:`agent.epollio`.
 
 * Why: a trio wakeup costs ~70-90 µs of CPU on this machine kind against ~20-30 µs for a bare
   epoll loop, and an L4 proxy needs two wakeups per request. trio keeps accept, connect,
@@ -37,7 +39,7 @@ Design note (measurements and the decision in docs/adr/003-fast-tls-pump.md):
 * Cross-thread rule: after the handover only the engine touches a connection's socket and
   ``SSLObject``. The one reader elsewhere, the TLS session cache harvesting TLS 1.3
   tickets from live client connections, sees a snapshot the engine publishes
-  (:class:`_EngineOwnedSSLObject`), never the live OpenSSL session.
+  (:class:`agent.epollio.EngineOwnedSSLObject`), never the live OpenSSL session.
 * GIL: the engine thread holds the GIL while it copies; per wakeup it does one ``poll``, a
   dict lookup, one recv, one SSL call and one send. ``open_pump_engine`` lowers the switch
   interval (``sys.setswitchinterval``) so a busy trio thread delays the engine by at most
@@ -52,121 +54,47 @@ import heapq
 import itertools
 import os
 import select
-import socket
 import ssl
-import struct
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, cast
 
 import trio
 
+from agent.epollio import (
+    DONE,
+    EOF_SEEN,
+    FAST_PATHS,
+    RAW_BUFFER,
+    READING,
+    SESSION_KEY,
+    Direction,
+    EngineOwnedSSLObject,
+    Side,
+    describe,
+    flush,
+    read,
+    reset,
+    send_eof,
+    write,
+)
 from agent.pump import Connection, Outcome, PlainConnection, PumpResult
-from agent.tlsconn import TLSConnection, read_received_records
+from agent.tlsconn import TLSConnection
 
 _BUDGET = 16  # chunks per direction per wakeup
 _MAX_EVENTS = 256  # per poll; the default (FD_SETSIZE - 1) mallocs 12 KiB per call
 _IDLE_TICKS = 4
-_RAW_BUFFER = 65536
 _ABORT_WAIT = 5.0  # seconds pump() waits, shielded, for the engine to confirm an abort
-_LINGER_RESET = struct.pack("ii", 1, 0)
 _SWITCH_INTERVAL = 0.0005
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _TROUBLE = select.EPOLLERR | select.EPOLLHUP
 
-# Direction states.
-_READING, _EOF_SEEN, _DONE = 0, 1, 2
 
-
-class _NoBIO:
-    """Stands in for a plain socket's (absent) outgoing BIO: nothing is ever pending."""
-
-    __slots__ = ()
-    pending = 0
-
-
-_NO_BIO = _NoBIO()
-
-
-class _Side:
-    """One socket of a pumped connection, as the engine thread sees it."""
-
-    __slots__ = (
-        "drained",
-        "dst_of",
-        "eof_sent",
-        "fd",
-        "incoming",
-        "job",
-        "mask",
-        "obj",
-        "outgoing",
-        "pending",
-        "rbuf",
-        "sock",
-        "src_of",
-        "ssl",
-        "stash",
-        "stash_end",
-        "watch_ticket",
-    )  # fmt: skip
-
-    def __init__(self, sock: socket.socket, job: _Job) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.job = job
-        self.obj: ssl.SSLObject | None = None
-        # The C object behind ``obj`` (``ssl.SSLObject._sslobj``): the fast paths call its
-        # read/write/pending directly, one Python frame less each (CPython 3.11 stdlib).
-        self.ssl: Any = None
-        self.incoming: ssl.MemoryBIO | None = None
-        self.outgoing: ssl.MemoryBIO | _NoBIO = _NO_BIO
-        self.rbuf: memoryview | None = None
-        self.stash = bytearray()
-        self.stash_end: BaseException | None = None
-        self.eof_sent = False
-        self.watch_ticket = False  # a client session: publish its ticket (_publish_ticket)
-        # Raw bytes accepted for this socket but not yet sent (a slice of a direction buffer,
-        # or ciphertext taken from ``outgoing``); None when there are none.
-        self.pending: memoryview | bytes | None = None
-        self.drained = False  # the last read was short: wait for epoll before reading again
-        self.mask = 0  # what the engine's epoll has registered for this fd (0: not registered)
-        self.src_of: _Direction  # set by _Job
-        self.dst_of: _Direction
-
-    def has_output(self) -> bool:
-        return self.pending is not None or self.outgoing.pending > 0
-
-    def has_buffered_input(self) -> bool:
-        if self.stash or self.stash_end is not None:
-            return True
-        obj, incoming = self.obj, self.incoming
-        if obj is None or incoming is None:
-            return False
-        return incoming.pending > 0 or obj.pending() > 0
-
-
-class _Direction:
-    """Bytes from ``src`` to ``dst`` through one fixed buffer."""
-
-    __slots__ = ("count", "dst", "fast", "src", "state", "view")
-
-    def __init__(self, src: _Side, dst: _Side, buffer_size: int) -> None:
-        self.src = src
-        self.dst = dst
-        self.view = memoryview(bytearray(buffer_size))
-        self.count = 0
-        self.state = _READING
-        # The one-chunk fast path for this pair of socket kinds (see _fast_plain_plain).
-        self.fast: Callable[[_Direction], bool] | None = None
-
-
-class _Job:
+class Job:
     """One pumped connection: both sides, both directions, and how to report back."""
 
     __slots__ = (
@@ -174,15 +102,15 @@ class _Job:
     )  # fmt: skip
 
     def __init__(self, a: Connection, b: Connection, idle_timeout: float, buffer_size: int,
-                 deliver: _Delivery) -> None:  # fmt: skip
+                 deliver: Delivery) -> None:  # fmt: skip
         self.a = _side_from(a, self)
         self.b = _side_from(b, self)
-        self.a_to_b = _Direction(self.a, self.b, buffer_size)
-        self.b_to_a = _Direction(self.b, self.a, buffer_size)
+        self.a_to_b = Direction(self.a, self.b, buffer_size)
+        self.b_to_a = Direction(self.b, self.a, buffer_size)
         self.a.src_of = self.b.dst_of = self.a_to_b
         self.b.src_of = self.a.dst_of = self.b_to_a
         for d in (self.a_to_b, self.b_to_a):
-            d.fast = _FAST_PATHS[d.src.obj is not None, d.dst.obj is not None]
+            d.fast = FAST_PATHS[d.src.obj is not None, d.dst.obj is not None]
         self.idle_timeout = idle_timeout
         self.deliver = deliver
         self.finished = False
@@ -191,7 +119,7 @@ class _Job:
 
 
 @dataclass
-class _Delivery:
+class Delivery:
     """The trio side of one job: where the engine's verdict lands."""
 
     token: trio.lowlevel.TrioToken
@@ -207,52 +135,27 @@ class _Delivery:
         self.done.set()
 
 
-def _side_from(conn: Connection, job: _Job) -> _Side:
+def _side_from(conn: Connection, job: Job) -> Side:
     """Take over what ``conn`` holds: its socket, and for TLS the session and buffered bytes."""
     if isinstance(conn, PlainConnection):
-        return _Side(conn.hand_over(), job)
+        return Side(conn.hand_over(), job)
     if isinstance(conn, TLSConnection):
         state = conn.hand_over()
-        side = _Side(state.sock, job)
+        side = Side(state.sock, job)
         side.obj, side.incoming, side.outgoing = state.obj, state.incoming, state.outgoing
         side.ssl = getattr(state.obj, "_sslobj", state.obj)
         side.stash, side.stash_end, side.eof_sent = state.stash, state.stash_end, state.eof_sent
-        side.rbuf = memoryview(bytearray(_RAW_BUFFER))
+        side.rbuf = memoryview(bytearray(RAW_BUFFER))
         if not state.obj.server_side:
-            state.obj.__class__ = _EngineOwnedSSLObject
+            state.obj.__class__ = EngineOwnedSSLObject
             if conn.harvest_ticket:
                 # Still on the trio thread, which owns the object until the job is queued.
                 # Reading a session copies it (~0.5 ms), so only for the connection the
                 # session cache will harvest a ticket from.
-                state.obj.__dict__[_SESSION_KEY] = side.ssl.session
+                state.obj.__dict__[SESSION_KEY] = side.ssl.session
                 side.watch_ticket = True
         return side
     raise TypeError(f"the epoll engine cannot pump a {type(conn).__name__}")
-
-
-_SESSION_KEY = "_meshd_published_session"
-
-
-class _EngineOwnedSSLObject(ssl.SSLObject):
-    """A client ``SSLObject`` pumped by the engine: ``session`` is a published snapshot.
-
-    The TLS session cache (``agent.tlssessions``) reads ``.session`` of live outbound
-    connections from the trio thread to harvest TLS 1.3 tickets. With the engine, the same
-    ``SSL`` is in ``SSL_read`` on the engine thread (GIL released), and OpenSSL replaces its
-    session on a NewSessionTicket without the lock ``SSL_get1_session`` takes: reading it
-    from trio could race. So the engine reads the session itself after its reads and
-    publishes it here; the trio thread only ever sees that snapshot.
-    """
-
-    @property
-    def session(self) -> ssl.SSLSession | None:
-        """The last session the engine published (the handover-time one at first)."""
-        published: ssl.SSLSession | None = self.__dict__.get(_SESSION_KEY)
-        return published
-
-    @session.setter
-    def session(self, value: ssl.SSLSession | None) -> None:
-        raise ValueError("cannot set the session of an established, engine-owned connection")
 
 
 class PumpEngine:
@@ -265,12 +168,12 @@ class PumpEngine:
         self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, _IN)
-        self._inbox: collections.deque[tuple[str, _Job]] = collections.deque()
-        self._sides: dict[int, _Side] = {}
-        self._jobs: set[_Job] = set()
-        self._timers: list[tuple[float, int, _Job]] = []
+        self._inbox: collections.deque[tuple[str, Job]] = collections.deque()
+        self._sides: dict[int, Side] = {}
+        self._jobs: set[Job] = set()
+        self._timers: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
-        self._ready: list[_Direction] = []
+        self._ready: list[Direction] = []
         self._stopping = False
         self._exited = False  # set by the engine thread just before its last inbox pass
         self._crashed: BaseException | None = None
@@ -312,8 +215,8 @@ class PumpEngine:
             a.abort()
             b.abort()
             raise RuntimeError("the pump engine is not running")
-        delivery = _Delivery(trio.lowlevel.current_trio_token(), trio.Event())
-        job = _Job(a, b, idle_timeout, buffer_size, delivery)
+        delivery = Delivery(trio.lowlevel.current_trio_token(), trio.Event())
+        job = Job(a, b, idle_timeout, buffer_size, delivery)
         item = ("pump", job)
         self._submit(*item)
         if self._exited:
@@ -324,8 +227,8 @@ class PumpEngine:
             except ValueError:
                 pass  # the engine took it and will report
             else:
-                _reset(job.a.sock)
-                _reset(job.b.sock)
+                reset(job.a.sock)
+                reset(job.b.sock)
                 raise RuntimeError("the pump engine is not running")
         try:
             await delivery.done.wait()
@@ -358,7 +261,7 @@ class PumpEngine:
             os.close(self._wake_fd)
         self._wake_fd = -1
 
-    def _submit(self, what: str, job: _Job) -> None:
+    def _submit(self, what: str, job: Job) -> None:
         self._inbox.append((what, job))
         self._wake()
 
@@ -386,7 +289,7 @@ class PumpEngine:
             reason = (
                 "pump engine stopped"
                 if self._crashed is None
-                else f"pump engine failed: {_describe(self._crashed)}"
+                else f"pump engine failed: {describe(self._crashed)}"
             )
             for job in list(self._jobs):
                 self._finish(job, "error", reason)
@@ -405,7 +308,7 @@ class PumpEngine:
             elif ev == _IN:  # the common case: bytes to pass on
                 d = side.src_of
                 fast = d.fast
-                if fast is None or d.state != _READING:
+                if fast is None or d.state != READING:
                     side.drained = False
                     self._step(d)
                     continue
@@ -441,7 +344,7 @@ class PumpEngine:
             elif not job.finished:
                 self._finish(job, "error", "cancelled")
 
-    def _add(self, job: _Job) -> None:
+    def _add(self, job: Job) -> None:
         self._jobs.add(job)
         if self._stopping:
             self._finish(job, "error", "pump engine stopped")
@@ -456,7 +359,7 @@ class PumpEngine:
         if not job.finished:
             self._step(job.b_to_a)
 
-    def _schedule(self, job: _Job) -> None:
+    def _schedule(self, job: Job) -> None:
         when = time.monotonic() + job.idle_timeout / _IDLE_TICKS
         heapq.heappush(self._timers, (when, next(self._seq), job))
 
@@ -474,16 +377,16 @@ class PumpEngine:
             else:
                 self._schedule(job)
 
-    def _on_event(self, side: _Side, ev: int) -> None:
+    def _on_event(self, side: Side, ev: int) -> None:
         job = side.job
         if ev & (_OUT | _TROUBLE) and side.has_output():
             # The direction writing into this socket was backed up: flush, then resume it.
             self._step(side.dst_of)
-        if ev & (_IN | _TROUBLE) and not job.finished and side.src_of.state == _READING:
+        if ev & (_IN | _TROUBLE) and not job.finished and side.src_of.state == READING:
             side.drained = False
             self._step(side.src_of)
 
-    def _step(self, d: _Direction) -> None:
+    def _step(self, d: Direction) -> None:
         """Run direction ``d``; a failure ends its connection, never the engine."""
         job = d.src.job
         try:
@@ -493,30 +396,30 @@ class PumpEngine:
         except Exception as exc:
             self._fail(job, exc)
 
-    def _fail(self, job: _Job, exc: Exception) -> None:
+    def _fail(self, job: Job, exc: Exception) -> None:
         if isinstance(exc, ConnectionError | ssl.SSLEOFError):
-            self._finish(job, "reset", _describe(exc))
+            self._finish(job, "reset", describe(exc))
         elif isinstance(exc, OSError | ssl.SSLError):
-            self._finish(job, "error", _describe(exc))
+            self._finish(job, "error", describe(exc))
         else:
-            self._finish(job, "error", f"pump engine: {_describe(exc)}")
+            self._finish(job, "error", f"pump engine: {describe(exc)}")
 
-    def _run_direction(self, d: _Direction) -> None:
+    def _run_direction(self, d: Direction) -> None:
         """Move as many bytes from ``d.src`` to ``d.dst`` as can go without blocking."""
         src, dst = d.src, d.dst
-        if (dst.pending is not None or dst.outgoing.pending) and not _flush(dst):
+        if (dst.pending is not None or dst.outgoing.pending) and not flush(dst):
             return  # still backed up: EPOLLOUT on dst brings us back
-        if d.state == _READING:
+        if d.state == READING:
             view = d.view
             for _ in range(_BUDGET):
-                n = _read(src, view)
+                n = read(src, view)
                 if n is None:
                     return  # nothing more now: EPOLLIN on src brings us back
                 if n == 0:
-                    d.state = _EOF_SEEN
+                    d.state = EOF_SEEN
                     break
                 d.count += n
-                if not _write(dst, view[:n]):
+                if not write(dst, view[:n]):
                     return  # backed up
                 if src.drained and src.obj is None:
                     return  # short plaintext read: the next would be EAGAIN
@@ -524,28 +427,28 @@ class PumpEngine:
                 if src.has_buffered_input():
                     self._ready.append(d)  # epoll would not report bytes already in a BIO
                 return
-        if d.state == _EOF_SEEN:
-            d.state = _DONE
-            _send_eof(dst)
+        if d.state == EOF_SEEN:
+            d.state = DONE
+            send_eof(dst)
 
-    def _settle(self, job: _Job) -> None:
+    def _settle(self, job: Job) -> None:
         """Finish a connection whose work is done, or update what epoll watches for it."""
         a, b, ab, ba = job.a, job.b, job.a_to_b, job.b_to_a
         a_out = a.pending is not None or a.outgoing.pending > 0
         b_out = b.pending is not None or b.outgoing.pending > 0
-        if ab.state == _DONE and ba.state == _DONE and not (a_out or b_out):
+        if ab.state == DONE and ba.state == DONE and not (a_out or b_out):
             self._finish(job, "closed", "")
             return
         # A socket is read while the direction it feeds reads and that one's destination
         # (the other socket) has nothing unsent; it is written to while it has output.
-        want = (_OUT if a_out else 0) | (_IN if ab.state == _READING and not b_out else 0)
+        want = (_OUT if a_out else 0) | (_IN if ab.state == READING and not b_out else 0)
         if want != a.mask:
             self._watch(a, want)
-        want = (_OUT if b_out else 0) | (_IN if ba.state == _READING and not a_out else 0)
+        want = (_OUT if b_out else 0) | (_IN if ba.state == READING and not a_out else 0)
         if want != b.mask:
             self._watch(b, want)
 
-    def _watch(self, side: _Side, want: int) -> None:
+    def _watch(self, side: Side, want: int) -> None:
         if not want:
             self._epoll.unregister(side.fd)
         elif side.mask:
@@ -554,7 +457,7 @@ class PumpEngine:
             self._epoll.register(side.fd, want)
         side.mask = want
 
-    def _finish(self, job: _Job, outcome: Outcome, detail: str) -> None:
+    def _finish(self, job: Job, outcome: Outcome, detail: str) -> None:
         """Close both sockets (FIN when clean, RST otherwise) and report to trio."""
         if job.finished:
             return
@@ -570,277 +473,11 @@ class PumpEngine:
             if outcome == "closed":
                 side.sock.close()
             else:
-                _reset(side.sock)
+                reset(side.sock)
         delivery = job.deliver
         result = (outcome, detail, job.a_to_b.count, job.b_to_a.count)
         with contextlib.suppress(trio.RunFinishedError):  # nobody is waiting any more
             delivery.token.run_sync_soon(delivery.set, *result)
-
-
-# ---------------------------------------------------------------- per-socket primitives
-# Engine thread only. They raise OSError / ssl.SSLError; the caller ends the connection.
-
-
-def _read(src: _Side, view: memoryview) -> int | None:
-    """Read into ``view``: the count, 0 at EOF, None when nothing is available now."""
-    if src.obj is not None:
-        return _read_tls(src, src.obj, view)
-    if src.drained:
-        return None
-    try:
-        n = src.sock.recv_into(view)
-    except BlockingIOError:
-        src.drained = True
-        return None
-    src.drained = n < len(view)
-    return n
-
-
-def _read_tls(src: _Side, obj: ssl.SSLObject, view: memoryview) -> int | None:
-    if src.stash or src.stash_end is not None:
-        return _take_stash(src, view)
-    incoming = cast(ssl.MemoryBIO, src.incoming)
-    while True:
-        if incoming.pending or obj.pending() or incoming.eof:
-            n = _decrypt(src, obj, view)
-            if n is not None:
-                return n
-        if src.drained:
-            return None
-        rbuf = cast(memoryview, src.rbuf)
-        try:
-            m = src.sock.recv_into(rbuf)
-        except BlockingIOError:
-            src.drained = True
-            return None
-        src.drained = m < len(rbuf)
-        if m:
-            incoming.write(rbuf[:m])
-        else:
-            incoming.write_eof()
-
-
-def _decrypt(src: _Side, obj: ssl.SSLObject, view: memoryview) -> int | None:
-    """One ``SSL_read``: the count, 0 at ``close_notify``, None when it needs more bytes."""
-    try:
-        # typeshed: bytearray -> bytes; really any writable buffer, returning a count.
-        n = cast(int, obj.read(len(view), view))  # type: ignore[arg-type]
-    except ssl.SSLWantReadError:
-        if cast(ssl.MemoryBIO, src.incoming).eof:
-            raise ConnectionResetError("TLS peer closed mid-record") from None
-        return None
-    except ssl.SSLZeroReturnError:
-        return 0
-    except ssl.SSLEOFError as exc:
-        raise ConnectionResetError("TLS peer closed without close_notify") from exc
-    if src.watch_ticket:
-        _publish_ticket(src)
-    if src.has_output():
-        _flush(src)  # post-handshake replies (e.g. a TLS 1.3 KeyUpdate)
-    return n
-
-
-def _publish_ticket(side: _Side) -> None:
-    """Engine thread, after a read: publish the client session once it holds a ticket."""
-    session = side.ssl.session
-    if session is not None and session.has_ticket:
-        cast(ssl.SSLObject, side.obj).__dict__[_SESSION_KEY] = session
-        side.watch_ticket = False
-
-
-# ---------------------------------------------------------------- fast paths
-# One chunk for the common case (an EPOLLIN on a direction that reads, nothing pending):
-# read once, pass it on, and return True when that is all there is to do (the socket was
-# drained, everything was sent, epoll's interest stays as it is). Anything else (EOF, a
-# full buffer, a partial send, a partial TLS record left over) leaves consistent state and
-# returns False, and the general path (_run_direction, then _settle) takes over from there.
-
-
-def _recv_short(src: _Side, buf: memoryview) -> int:
-    """``recv_into``; -1 when nothing was there. Sets ``drained`` after a short read."""
-    try:
-        n = src.sock.recv_into(buf)
-    except BlockingIOError:
-        src.drained = True
-        return -1
-    src.drained = 0 < n < len(buf)
-    return n
-
-
-def _send_some(dst: _Side, data: memoryview | bytes) -> bool:
-    """Send; keep what did not go as ``dst.pending``; True when all went."""
-    try:
-        sent = dst.sock.send(data)
-    except BlockingIOError:
-        sent = 0
-    if sent == len(data):
-        return True
-    dst.pending = memoryview(data)[sent:]
-    return False
-
-
-def _fast_plain_plain(d: _Direction) -> bool:
-    src, dst, view = d.src, d.dst, d.view
-    if dst.pending is not None:
-        return False
-    n = _recv_short(src, view)
-    if n <= 0:
-        return n < 0  # EAGAIN: nothing to do; EOF: the general path reads it again
-    d.count += n
-    return _send_some(dst, view[:n]) and src.drained
-
-
-def _fast_plain_tls(d: _Direction) -> bool:
-    src, dst, view = d.src, d.dst, d.view
-    out = dst.outgoing
-    if dst.pending is not None or out.pending:
-        return False
-    n = _recv_short(src, view)
-    if n <= 0:
-        return n < 0
-    d.count += n
-    try:
-        dst.ssl.write(view[:n])
-    except ssl.SSLWantReadError:
-        raise ssl.SSLError("TLS renegotiation is not supported by the pump engine") from None
-    return _send_some(dst, cast(ssl.MemoryBIO, out).read()) and src.drained
-
-
-def _fast_tls_plain(d: _Direction) -> bool:
-    src, dst, view = d.src, d.dst, d.view
-    obj, incoming = src.ssl, cast(ssl.MemoryBIO, src.incoming)
-    if (
-        dst.pending is not None
-        or src.stash
-        or src.stash_end is not None
-        or incoming.pending  # left over: the general path decrypts it first
-        or obj.pending()
-    ):
-        return False
-    rbuf = cast(memoryview, src.rbuf)
-    m = _recv_short(src, rbuf)
-    if m <= 0:
-        return m < 0
-    incoming.write(rbuf[:m])
-    while incoming.pending or obj.pending():
-        try:
-            n = obj.read(len(view), view)
-        except ssl.SSLWantReadError:
-            break  # the rest of a record is still on its way
-        except ssl.SSLZeroReturnError:
-            n = 0
-        except ssl.SSLEOFError as exc:
-            raise ConnectionResetError("TLS peer closed without close_notify") from exc
-        if not n:  # the peer's close_notify (SSLZeroReturnError once ours went out too)
-            d.state = _EOF_SEEN
-            return False
-        if src.watch_ticket:  # before the bytes go on: whoever sees them sees the ticket
-            _publish_ticket(src)
-        d.count += n
-        if not _send_some(dst, view[:n]):
-            return False
-    if src.outgoing.pending:
-        _flush(src)  # post-handshake replies (e.g. a TLS 1.3 KeyUpdate)
-        return False
-    return src.drained
-
-
-_FAST_PATHS: dict[tuple[bool, bool], Callable[[_Direction], bool] | None] = {
-    (False, False): _fast_plain_plain,
-    (False, True): _fast_plain_tls,
-    (True, False): _fast_tls_plain,
-    (True, True): None,
-}
-
-
-def _take_stash(src: _Side, view: memoryview) -> int:
-    n = min(len(view), len(src.stash))
-    if n:
-        view[:n] = src.stash[:n]
-        del src.stash[:n]
-        return n
-    end = src.stash_end
-    if isinstance(end, EOFError):
-        return 0
-    src.stash_end = None
-    assert end is not None
-    raise end
-
-
-def _write(dst: _Side, data: memoryview) -> bool:
-    """Accept ``data`` for ``dst``; True when it all went out, False when some is pending."""
-    obj = dst.obj
-    if obj is None:
-        try:
-            n = dst.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        if n == len(data):
-            return True
-        dst.pending = data[n:]  # a slice of the direction's buffer: reading waits for it
-        return False
-    try:
-        obj.write(data)  # a MemoryBIO takes everything
-    except ssl.SSLWantReadError:
-        raise ssl.SSLError("TLS renegotiation is not supported by the pump engine") from None
-    return _flush(dst)
-
-
-def _flush(side: _Side) -> bool:
-    """Send ``side``'s unsent bytes; True when none are left."""
-    sock, out = side.sock, side.outgoing
-    while True:
-        data = side.pending
-        if data is None:
-            if not out.pending:
-                return True
-            data = cast(ssl.MemoryBIO, out).read()
-        try:
-            n = sock.send(data)
-        except BlockingIOError:
-            n = 0
-        if n == len(data):
-            side.pending = None
-            continue
-        side.pending = memoryview(data)[n:]
-        return False
-
-
-def _send_eof(dst: _Side) -> None:
-    """Half-close ``dst``'s sending direction: FIN, or ``close_notify`` for TLS."""
-    obj = dst.obj
-    if obj is None:
-        try:
-            dst.sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            raise ConnectionResetError(f"half-close failed: {exc}") from exc
-        return
-    if dst.eof_sent:
-        return
-    dst.eof_sent = True
-    _stash_undelivered(dst)
-    # close_notify is queued by the first SSL_shutdown; only reading the peer's can fail.
-    with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLEOFError):
-        obj.unwrap()
-    _flush(dst)
-
-
-def _stash_undelivered(side: _Side) -> None:
-    """Decrypt every record already received so ``SSL_shutdown`` cannot read one."""
-    if side.stash_end is None:
-        obj, incoming = cast(ssl.SSLObject, side.obj), cast(ssl.MemoryBIO, side.incoming)
-        side.stash_end = read_received_records(obj, incoming, side.stash)
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with a TCP RST (SO_LINGER 0)."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    sock.close()
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 # ---------------------------------------------------------------- lifecycle

@@ -613,7 +613,7 @@ async def test_client_session_ticket_is_published_and_resumes(
 
             nursery.start_soon(run)
             await trio.sleep(0.05)
-            assert type(client_obj).__name__ == "_EngineOwnedSSLObject"
+            assert type(client_obj).__name__ == "EngineOwnedSSLObject"
             await server.send_all(b"first bytes")  # the server's tickets went out before
             assert await app_s.receive_some(100) == b"first bytes"
             session = client_obj.session
