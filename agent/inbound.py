@@ -24,7 +24,14 @@ import trio
 
 from agent.carrier import CarrierError, CarrierUnused, receive_go, speaks_carrier
 from agent.netio import connect_tcp, peek
-from agent.proxycore import ProxyDeps, destination_or_reject, finish, peer_of, reject
+from agent.proxycore import (
+    ProxyDeps,
+    destination_or_reject,
+    finish,
+    peer_of,
+    reject,
+    verify_now,
+)
 from agent.pump import Connection, PlainConnection
 from agent.tlsconn import (
     TLSConnection,
@@ -267,14 +274,7 @@ def _verify_client(deps: ProxyDeps, view: DataPlaneView, tls: TLSConnection) -> 
         tls.abort()
         return f"no trust bundle: {view.bundle_error}"
     try:
-        peer = deps.peers.verify(
-            tls.peer_chain_der(),
-            view.bundle,
-            role="client",
-            trust_domain=view.bundle.trust_domain,
-            expected_service=None,
-            now=deps.wall_clock(),
-        )
+        peer = verify_now(deps, view.bundle, tls, role="client", expected_service=None)
     except PeerRejected as exc:
         tls.abort()
         deps.metrics.tls_failures.labels(DIRECTION, "peer_identity").inc()

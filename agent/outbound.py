@@ -22,7 +22,14 @@ import trio
 
 from agent.carrier import send_go, speaks_carrier
 from agent.netio import connect_tcp
-from agent.proxycore import ProxyDeps, destination_or_reject, finish, peer_of, reject
+from agent.proxycore import (
+    ProxyDeps,
+    destination_or_reject,
+    finish,
+    peer_of,
+    reject,
+    verify_now,
+)
 from agent.pump import PlainConnection
 from agent.tlsconn import TLSConnection, TLSHandshakeError, handshake
 from agent.warmpool import EndpointKey
@@ -259,16 +266,8 @@ async def _take_warm(
     if tls is None:
         return None
     try:
-        # Same context, so same bundle as at its handshake; this re-checks validity "now"
-        # (a memory hit costs microseconds, docs/adr/008).
-        deps.peers.verify(
-            tls.peer_chain_der(),
-            view.bundle,
-            role="server",
-            trust_domain=view.bundle.trust_domain,
-            expected_service=service,
-            now=deps.wall_clock(),
-        )
+        # Same context, so same bundle as at its handshake; this re-checks validity now.
+        verify_now(deps, view.bundle, tls, role="server", expected_service=service)
         await send_go(tls, first)
     except BaseException as exc:
         tls.abort()
@@ -344,14 +343,7 @@ async def _secure(
         return str(exc)
     deps.metrics.tls_handshakes.labels(DIRECTION, "yes" if tls.session_reused else "no").inc()
     try:
-        verified = deps.peers.verify(
-            tls.peer_chain_der(),
-            view.bundle,
-            role="server",
-            trust_domain=view.bundle.trust_domain,
-            expected_service=service,
-            now=deps.wall_clock(),
-        )
+        verified = verify_now(deps, view.bundle, tls, role="server", expected_service=service)
     except PeerRejected as exc:
         # Nothing was written yet: the application's bytes never reach the wrong peer.
         tls.abort()

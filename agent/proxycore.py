@@ -22,12 +22,14 @@ from agent.accesslog import JsonLog
 from agent.metrics import AgentMetrics
 from agent.origdst import OriginalDestinationError, original_destination
 from agent.pump import PumpFunction, PumpResult, pump
+from agent.tlsconn import TLSConnection
 from agent.tlscontexts import TLSContexts
 from agent.tlssessions import SessionCache
 from agent.warmpool import WarmPool
 from meshd.balancer import RoundRobin
 from meshd.dataplane import DataPlaneView
-from meshd.peer import PeerVerifier
+from meshd.peer import PeerRole, PeerVerifier, VerifiedPeer
+from meshd.trustbundle import TrustBundle
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,32 @@ class ProxyDeps:
     peers: PeerVerifier = field(default_factory=PeerVerifier)
     pump: PumpFunction = pump
     warm: WarmPool = field(default_factory=WarmPool)
+
+
+def verify_now(
+    deps: ProxyDeps,
+    bundle: TrustBundle,
+    tls: TLSConnection,
+    *,
+    role: PeerRole,
+    expected_service: str | None,
+) -> VerifiedPeer:
+    """The peer of *tls*, verified against *bundle* at the current wall-clock time.
+
+    Every connection, resumed or warm ones too (docs/adr/008, 010); the verifier's memory
+    makes a repeat cost microseconds.
+
+    Raises:
+        PeerRejected: the chain, identity or validity does not hold.
+    """
+    return deps.peers.verify(
+        tls.peer_chain_der(),
+        bundle,
+        role=role,
+        trust_domain=bundle.trust_domain,
+        expected_service=expected_service,
+        now=deps.wall_clock(),
+    )
 
 
 def peer_of(sock: socket.socket) -> str:
