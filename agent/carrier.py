@@ -17,7 +17,10 @@ from meshd.errors import MeshdError
 
 MESH_ALPN = "meshd/1"
 GO = b"MESHDGO1"
-_READ = 65536
+# GO and the application bytes sent with it fit in one TLS record (at most 16 KiB of
+# plaintext); anything beyond stays decrypted in the session for the pump. A connection
+# holds this buffer for as long as it waits to be used (up to 120 s), so no bigger.
+_READ = len(GO) + 16384
 
 
 class CarrierError(MeshdError):
