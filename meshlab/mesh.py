@@ -57,6 +57,28 @@ def as_app_user(argv: Sequence[str]) -> list[str]:
     return ["setpriv", f"--reuid={APP_UID}", f"--regid={APP_UID}", "--clear-groups", *argv]
 
 
+# One TCP exchange: connect, send argv[4] (bytes via surrogateescape), half-close, print
+# everything that comes back; exit status 1 on any error.
+_EXCHANGE = (
+    "import os,socket,sys\n"
+    "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=float(sys.argv[3]))\n"
+    "s.sendall(os.fsencode(sys.argv[4]));s.shutdown(socket.SHUT_WR)\n"
+    "data=b''\n"
+    "while True:\n"
+    "    chunk=s.recv(65536)\n"
+    "    if not chunk: break\n"
+    "    data+=chunk\n"
+    "sys.stdout.write(data.decode('utf-8','replace'))\n"
+)
+
+
+def exchange_argv(address: str, port: int, payload: bytes, *, timeout_s: float = 5.0) -> list[str]:
+    """argv of a client that sends *payload* to *address*:*port*, half-closes and prints
+    the reply (run it as the app user to be intercepted, as root to bypass the proxy)."""
+    return [APP_PYTHON, "-c", _EXCHANGE, address, str(port), str(timeout_s),
+            os.fsdecode(payload)]  # fmt: skip
+
+
 class Mesh:
     """The mesh on top of a :class:`~meshlab.netns.Lab`."""
 
@@ -220,19 +242,10 @@ class Mesh:
 
         stdout is what came back; the exit status is 0 on a clean exchange, 1 on error.
         """
-        script = (
-            "import socket,sys\n"
-            f"s=socket.create_connection(({address!r},{port}),timeout={timeout_s})\n"
-            f"s.sendall({payload!r});s.shutdown(socket.SHUT_WR)\n"
-            "data=b''\n"
-            "while True:\n"
-            "    chunk=s.recv(65536)\n"
-            "    if not chunk: break\n"
-            "    data+=chunk\n"
-            "sys.stdout.write(data.decode('utf-8','replace'))\n"
-        )
         return self.hosts[name].host.run(
-            as_app_user([APP_PYTHON, "-c", script]), check=False, timeout=timeout_s + 5
+            as_app_user(exchange_argv(address, port, payload, timeout_s=timeout_s)),
+            check=False,
+            timeout=timeout_s + 5,
         )
 
     def describe(self) -> str:

@@ -24,7 +24,16 @@ from pathlib import Path
 
 import pytest
 
-from meshlab.mesh import APP_PYTHON, BIN, ECHO_APP, REPO, Mesh, ServiceSpec, as_app_user
+from meshlab.mesh import (
+    APP_PYTHON,
+    BIN,
+    ECHO_APP,
+    REPO,
+    Mesh,
+    ServiceSpec,
+    as_app_user,
+    exchange_argv,
+)
 from meshlab.netns import Host, LabUnavailable, Process, open_lab
 from tests.test_mesh_l4 import access_lines
 
@@ -37,17 +46,6 @@ TCPLOAD = REPO / "meshlab" / "apps" / "tcpload.py"
 LOOPBACK = ("127.0.0.1", "::1")  # the inbound proxy and Consul's tcp checks dial from here
 
 # A client that runs as whoever starts it (root = the proxy user: never redirected).
-RAW_CLIENT = (
-    "import socket,sys\n"
-    "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5)\n"
-    "s.sendall(sys.argv[3].encode());s.shutdown(socket.SHUT_WR)\n"
-    "data=b''\n"
-    "while True:\n"
-    "    chunk=s.recv(65536)\n"
-    "    if not chunk: break\n"
-    "    data+=chunk\n"
-    "sys.stdout.write(data.decode('utf-8','replace'))\n"
-)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +118,7 @@ def app_of(mesh: Mesh, host: str, port: int) -> Process:
 
 def raw_call(host: Host, address: str, port: int, payload: str) -> subprocess.CompletedProcess[str]:
     """Connect as root (the proxy user: never redirected outbound), send, half-close, read."""
-    return host.run([APP_PYTHON, "-c", RAW_CLIENT, address, str(port), payload], check=False)
+    return host.run(exchange_argv(address, port, payload.encode()), check=False)
 
 
 def snapshot_endpoints(mesh: Mesh, host: str, service: str) -> list[dict[str, object]]:
