@@ -58,19 +58,6 @@ def kv_bundle(consul_agent: ConsulAgentProcess, prefix: str) -> TrustBundle:
         return TrustBundle.from_json(response.read())
 
 
-def kv_put(consul_agent: ConsulAgentProcess, prefix: str, bundle: TrustBundle) -> None:
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"{consul_agent.http_address}/v1/kv/{prefix}ca/bundle",
-        data=bundle.to_json(),
-        method="PUT",
-        headers={"X-Consul-Token": consul_agent.token},
-    )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        assert response.read().strip() == b"true"
-
-
 def mode(path: Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
@@ -205,7 +192,9 @@ def test_rotation_step_by_step(
     # retiring at a later "now"); the next rotate deletes the old hierarchy's keys.
     assert (ca_dir / "previous-root-ca.key").exists()
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=26)
-    kv_put(consul_agent, consul_kv_prefix, retire_old_root(bundle, now=later))
+    consul_agent.kv_put(
+        f"{consul_kv_prefix}ca/bundle", retire_old_root(bundle, now=later).to_json()
+    )
     result = run("rotate", "--dir", str(ca_dir))
     assert result.exit_code == 0, result.output
     assert "stable -> new-root-published" in result.output
@@ -236,19 +225,6 @@ def test_rotate_sets_retire_after_from_the_leaf_ttl_and_the_reload_grace(
     assert abs((retiring.retire_after - expected).total_seconds()) < 60
 
 
-def put_raw(consul_agent: ConsulAgentProcess, key: str, value: bytes) -> None:
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"{consul_agent.http_address}/v1/kv/{key}",
-        data=value,
-        method="PUT",
-        headers={"X-Consul-Token": consul_agent.token},
-    )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        assert response.read().strip() == b"true"
-
-
 def retire_after(consul_agent: ConsulAgentProcess, prefix: str) -> dt.datetime:
     retiring = next(r for r in kv_bundle(consul_agent, prefix).roots if r.retire_after)
     assert retiring.retire_after is not None
@@ -268,8 +244,8 @@ def test_rotate_keeps_the_old_root_as_long_as_the_longest_published_leaf_ttl(
 ) -> None:
     to_switch(run, tmp_path / "ca")
     # What two meshd servers published at start (meshd.server.duties.publish_leaf_ttl).
-    put_raw(consul_agent, f"{consul_kv_prefix}ca/leaf-ttl/s1", b'{"leaf_ttl_s": 259200}')
-    put_raw(consul_agent, f"{consul_kv_prefix}ca/leaf-ttl/s2", b'{"leaf_ttl_s": 3600}')
+    consul_agent.kv_put(f"{consul_kv_prefix}ca/leaf-ttl/s1", b'{"leaf_ttl_s": 259200}')
+    consul_agent.kv_put(f"{consul_kv_prefix}ca/leaf-ttl/s2", b'{"leaf_ttl_s": 3600}')
     result = run("rotate", "--dir", str(tmp_path / "ca"), "--reload-grace", "30m")
     assert result.exit_code == 0, result.output
     assert "warning" not in result.output
@@ -281,7 +257,7 @@ def test_rotate_warns_when_told_a_shorter_leaf_ttl_than_a_server_issues(
     run: Run, tmp_path: Path, consul_agent: ConsulAgentProcess, consul_kv_prefix: str
 ) -> None:
     to_switch(run, tmp_path / "ca")
-    put_raw(consul_agent, f"{consul_kv_prefix}ca/leaf-ttl/s1", b'{"leaf_ttl_s": 259200}')
+    consul_agent.kv_put(f"{consul_kv_prefix}ca/leaf-ttl/s1", b'{"leaf_ttl_s": 259200}')
     result = run("rotate", "--dir", str(tmp_path / "ca"), "--max-leaf-ttl", "1h")
     assert result.exit_code == 0, result.output
     assert "shorter than the leaves meshd server s1 issues (3 days" in result.output
@@ -305,7 +281,7 @@ def test_rotate_refuses_a_malformed_published_leaf_ttl_and_changes_nothing(
 ) -> None:
     to_switch(run, tmp_path / "ca")
     for bad in (b'{"leaf_ttl_s": "72h"}', b"not json", b'{"leaf_ttl_s": -5}', b"[1]"):
-        put_raw(consul_agent, f"{consul_kv_prefix}ca/leaf-ttl/s1", bad)
+        consul_agent.kv_put(f"{consul_kv_prefix}ca/leaf-ttl/s1", bad)
         result = run("rotate", "--dir", str(tmp_path / "ca"))
         # (meshctl's entry point prints a CaCommandError as one line; see the next test.)
         assert isinstance(result.exception, CaCommandError), (bad, result.output)

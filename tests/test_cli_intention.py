@@ -45,17 +45,6 @@ def cli(consul_agent: ConsulAgentProcess, consul_kv_prefix: str) -> Any:
     return run
 
 
-def kv_put(agent: ConsulAgentProcess, key: str, value: bytes) -> None:
-    request = urllib.request.Request(
-        f"{agent.http_address}/v1/kv/{key}",
-        data=value,
-        method="PUT",
-        headers={"X-Consul-Token": agent.token},
-    )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        assert json.loads(response.read()) is True
-
-
 def kv_get(agent: ConsulAgentProcess, key: str) -> bytes | None:
     request = urllib.request.Request(
         f"{agent.http_address}/v1/kv/{key}?raw=true", headers={"X-Consul-Token": agent.token}
@@ -156,7 +145,7 @@ def test_invalid_document_is_flagged_and_denies(
 ) -> None:
     cli("config", "write", "mesh", "-", stdin='{"Kind":"mesh","Version":1,"DefaultAction":"allow"}')
     cli("intention", "create", "web", "db", "--allow")
-    kv_put(consul_agent, intentions_key("api", consul_kv_prefix), b'{"Kind": "service-int')
+    consul_agent.kv_put(intentions_key("api", consul_kv_prefix), b'{"Kind": "service-int')
 
     listed = json.loads(cli("intention", "list", "--format", "json").out)
     assert [i["Destination"] for i in listed["Invalid"]] == ["api"]
@@ -176,7 +165,7 @@ def test_invalid_mesh_config_fails_closed(
     cli: Any, consul_agent: ConsulAgentProcess, consul_kv_prefix: str
 ) -> None:
     key = f"{consul_kv_prefix}config/mesh"
-    kv_put(consul_agent, key, b'{"Kind":"mesh","Version":1,"DefaultAction":"alow"}')
+    consul_agent.kv_put(key, b'{"Kind":"mesh","Version":1,"DefaultAction":"alow"}')
     check = cli("intention", "check", "web", "api")
     assert check.code == 2 and "DefaultAction" in check.err
     read = cli("config", "read", "mesh")
@@ -215,7 +204,7 @@ async def test_update_reapplies_the_change_on_a_concurrent_write(
     def change(doc: IntentionsDocument | None) -> IntentionsDocument:
         calls.append(doc)
         if len(calls) == 1:  # another operator writes between our read and our CAS put
-            kv_put(consul_agent, key, other)
+            consul_agent.kv_put(key, other)
         base = doc or IntentionsDocument(name="api")
         return base.with_source(SourceIntention(name="web", action=Action.ALLOW))
 
@@ -238,7 +227,7 @@ async def test_update_gives_up_without_overwriting(
         writes += 1
         body = {"Kind": "service-intentions", "Name": "api", "Version": 1,
                 "Sources": [{"Name": f"s{writes}", "Action": "deny"}]}  # fmt: skip
-        kv_put(consul_agent, key, json.dumps(body).encode())
+        consul_agent.kv_put(key, json.dumps(body).encode())
         return IntentionsDocument(name="api").with_source(SourceIntention("web", Action.ALLOW))
 
     async with open_consul(consul_settings) as consul:

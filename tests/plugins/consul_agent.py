@@ -182,6 +182,17 @@ class ConsulAgentProcess:
             exc.close()
             raise OSError(f"{path}: HTTP {exc.code} {exc.reason}") from None
 
+    def kv_put(self, key: str, value: bytes) -> None:
+        """Write one KV key with the management token (for setting up test state)."""
+        request = urllib.request.Request(
+            f"{self.http_address}/v1/kv/{key}",
+            data=value,
+            method="PUT",
+            headers={"X-Consul-Token": self.token},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.read().strip() == b"true", key
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         last: object = None
