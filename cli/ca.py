@@ -19,6 +19,7 @@ from cryptography import x509
 
 from meshd import cadir, pki, rotation
 from meshd.config import parse_duration
+from meshd.config.server import MAX_LEAF_TTL
 from meshd.consul import ConsulSettings, open_consul
 from meshd.errors import MeshdError
 from meshd.identity import IdentityError, check_trust_domain
@@ -32,6 +33,7 @@ PREVIOUS_SIGNING = "previous-signing-ca"
 
 
 DEFAULT_LEAF_TTL = dt.timedelta(hours=24)
+MAX_DURATION = dt.timedelta(days=3650)  # for --max-leaf-ttl and --reload-grace
 
 
 class CaCommandError(MeshdError):
@@ -185,6 +187,8 @@ class _Duration(click.ParamType[dt.timedelta, Any]):
             self.fail(str(exc), param, ctx)
         if seconds <= 0:
             self.fail("must be positive", param, ctx)
+        if seconds > MAX_DURATION.total_seconds():
+            self.fail(f"must be at most {MAX_DURATION.days} days", param, ctx)
         return dt.timedelta(seconds=seconds)
 
 
@@ -269,8 +273,8 @@ async def _published_leaf_ttls(prefix: str) -> dict[str, float]:
         value = _leaf_ttl_of(entry.value)
         if value is None:
             raise CaCommandError(
-                f'{entry.key}: expected {{"leaf_ttl_s": <seconds>}}; fix or delete it, or '
-                "pass --max-leaf-ttl"
+                f'{entry.key}: expected {{"leaf_ttl_s": <seconds, at most {MAX_LEAF_TTL:.0f}>}}; '
+                "fix or delete it, or pass --max-leaf-ttl"
             )
         found[entry.key.removeprefix(prefix)] = value
     return found
@@ -281,7 +285,9 @@ def _leaf_ttl_of(raw: bytes) -> float | None:
         value = json.loads(raw)["leaf_ttl_s"]
     except (ValueError, KeyError, TypeError):
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not 0 < value <= MAX_LEAF_TTL:  # what [ca] leaf_ttl allows; NaN fails too
         return None
     return float(value)
 

@@ -207,7 +207,7 @@ def test_rotate_sets_retire_after_from_the_leaf_ttl_and_the_reload_grace(
 ) -> None:
     ca_dir = tmp_path / "ca"
     assert run("init", "--dir", str(ca_dir), "--trust-domain", TD).exit_code == 0
-    for bad in ("0s", "-1h", "ten", "10"):  # "10" would be fine for --max-leaf-ttl (hours)
+    for bad in ("0s", "-1h", "ten", "10", "99999999999h"):  # "10" is fine as --max-leaf-ttl
         result = run("rotate", "--dir", str(ca_dir), "--reload-grace", bad)
         assert result.exit_code == 2, (bad, result.output)
         assert "--reload-grace" in result.output
@@ -280,7 +280,14 @@ def test_rotate_refuses_a_malformed_published_leaf_ttl_and_changes_nothing(
     run: Run, tmp_path: Path, consul_agent: ConsulAgentProcess, consul_kv_prefix: str
 ) -> None:
     to_switch(run, tmp_path / "ca")
-    for bad in (b'{"leaf_ttl_s": "72h"}', b"not json", b'{"leaf_ttl_s": -5}', b"[1]"):
+    for bad in (
+        b'{"leaf_ttl_s": "72h"}',
+        b"not json",
+        b'{"leaf_ttl_s": -5}',
+        b"[1]",
+        b'{"leaf_ttl_s": 1e300}',  # no server issues leaves beyond [ca]'s 720h
+        b'{"leaf_ttl_s": NaN}',
+    ):
         consul_agent.kv_put(f"{consul_kv_prefix}ca/leaf-ttl/s1", bad)
         result = run("rotate", "--dir", str(tmp_path / "ca"))
         # (meshctl's entry point prints a CaCommandError as one line; see the next test.)
