@@ -21,6 +21,14 @@ class JsonLog:
     def __init__(self, stream: IO[str] | None = None, *, level: str = "info") -> None:
         self._stream = stream if stream is not None else sys.stderr
         self._threshold = _LEVELS.get(level, 20)
+        # Lines written by a data-path worker say which (``[proxy] workers``).
+        self._context: dict[str, Any] = {}
+
+    def for_worker(self, worker: int) -> JsonLog:
+        """The same log, every line marked ``"worker": worker``."""
+        log = JsonLog(self._stream)
+        log._threshold, log._context = self._threshold, {"worker": worker}
+        return log
 
     def _write(self, record: dict[str, Any]) -> None:
         try:
@@ -34,11 +42,13 @@ class JsonLog:
         """Log an agent event (``{"ts":…, "level":…, "event":…, …fields}``)."""
         if _LEVELS.get(level, 20) < self._threshold:
             return
-        self._write({"ts": round(time.time(), 6), "level": level, "event": event, **fields})
+        record = {"ts": round(time.time(), 6), "level": level, "event": event}
+        self._write({**record, **self._context, **fields})
 
     def access(self, **fields: Any) -> None:
         """Log one finished connection (``"event": "access"``)."""
-        self._write({"ts": round(time.time(), 6), "level": "info", "event": "access", **fields})
+        record = {"ts": round(time.time(), 6), "level": "info", "event": "access"}
+        self._write({**record, **self._context, **fields})
 
 
 class JsonLogHandler(logging.Handler):

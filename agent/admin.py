@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.metrics import AgentMetrics
+from agent.workerlink import MergedMetrics, ReportedSample
 
 MAX_REQUEST_BYTES = 8192
 REQUEST_TIMEOUT_S = 5.0
@@ -30,6 +31,8 @@ class AdminSources:
     ready: Callable[[], bool]
     stats: Callable[[], dict[str, Any]]
     snapshot_json: Callable[[], bytes | None]
+    # The data-path workers' latest counters, added to the agent's own (``[proxy] workers``).
+    worker_reports: Callable[[], list[list[ReportedSample]]] = field(default=lambda: [])
 
 
 def _response(status: str, body: bytes, content_type: str) -> bytes:
@@ -41,7 +44,8 @@ def _response(status: str, body: bytes, content_type: str) -> bytes:
 
 
 def _metrics(sources: AdminSources) -> bytes:
-    return _response("200 OK", generate_latest(sources.metrics.registry), CONTENT_TYPE_LATEST)
+    merged = MergedMetrics(sources.metrics.registry, sources.worker_reports)
+    return _response("200 OK", generate_latest(merged), CONTENT_TYPE_LATEST)  # type: ignore[arg-type]
 
 
 def _ready(sources: AdminSources) -> bytes:

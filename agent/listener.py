@@ -96,6 +96,7 @@ async def serve_accept_loop(
     *,
     log: JsonLog,
     name: str,
+    shared: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections forever, starting ``handler(conn)`` in *connections* for each.
@@ -106,6 +107,10 @@ async def serve_accept_loop(
         connections: the nursery that outlives this loop, so cancelling the loop drains.
         log: where resource exhaustion is reported.
         name: the listener's name in log events.
+        shared: other processes accept from the same socket (``[proxy] workers``): take one
+            connection per readiness and go back to waiting, so that a burst of queued
+            connections is spread over the processes instead of taken by whichever woke
+            first (each wakeup reaches every waiting process; the others find EAGAIN).
         task_status: started once the loop is accepting.
     """
     task_status.started()
@@ -125,3 +130,5 @@ async def serve_accept_loop(
             raise
         conn.setblocking(False)
         connections.start_soon(handler, conn)
+        if shared:
+            await trio.lowlevel.wait_readable(listener)

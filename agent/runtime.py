@@ -47,6 +47,7 @@ from agent.signclient import Endpoint
 from agent.snapshots import SnapshotPipeline, local_services_from_config, serve_snapshots
 from agent.tlscontexts import TLSContexts
 from agent.warmpool import WarmPool
+from agent.worker import WorkerPool
 from meshd.config import AgentConfig, ServiceConfig
 from meshd.consul import ConsulClient
 from meshd.dataplane import DataPlaneView, ViewCache
@@ -171,9 +172,22 @@ async def serve_agent(
             warm=warm,
         )
         conns = OpenConnections()
+        workers = None
+        if cfg.proxy.workers > 1:
+            workers = WorkerPool(
+                count=cfg.proxy.workers - 1,
+                proxy=cfg.proxy,
+                kv_prefix=cfg.consul.kv_prefix,
+                snapshots=pipeline.holder,
+                certifier=certifier,
+                services=[s.name for s in options.services],
+                on_unknown=resolver.notify_unknown,
+                log=log,
+                level=cfg.log.level,
+            )
         admin_port = await background.start(
             serve_admin,
-            _admin_sources(metrics, pipeline, registrar, resolver, conns),
+            _admin_sources(metrics, pipeline, registrar, resolver, conns, workers),
             "127.0.0.1",
             cfg.proxy.admin_port,
         )
@@ -189,13 +203,14 @@ async def serve_agent(
         handle = AgentHandle(pipeline, registrar, certifier, conns, metrics, admin_port)
         background.start_soon(_serve_signals, handle)
         background.start_soon(_serve_watchdog)
-        await _serve_proxies(deps, conns, options, handle, log, task_status)
+        await _serve_proxies(deps, conns, workers, options, handle, log, task_status)
         background.cancel_scope.cancel()
 
 
 async def _serve_proxies(
     deps: ProxyDeps,
     conns: OpenConnections,
+    workers: WorkerPool | None,
     options: AgentOptions,
     handle: AgentHandle,
     log: JsonLog,
@@ -212,13 +227,22 @@ async def _serve_proxies(
     for host in options.inbound_hosts:
         sock = open_listener(host, cfg.proxy.inbound_port, inherited=inherited)
         listeners.append(("inbound", sock, inbound))
-    async with trio.open_nursery() as connections:
+    shared = workers is not None
+    async with trio.open_nursery() as supervisor, trio.open_nursery() as connections:
+        if workers is not None:
+            await supervisor.start(workers.serve, [(name, sock) for name, sock, _ in listeners])
         async with trio.open_nursery() as acceptors:
             for name, sock, handler in listeners:
                 await acceptors.start(
                     functools.partial(
-                        serve_accept_loop, sock, handler, connections, log=log, name=name
-                    )
+                        serve_accept_loop,
+                        sock,
+                        handler,
+                        connections,
+                        log=log,
+                        name=name,
+                        shared=shared,
+                    )  # fmt: skip
                 )
             notify("READY=1")
             log.event("agent_ready", admin_port=handle.admin_port)
@@ -233,9 +257,13 @@ async def _serve_proxies(
             # rather than hold the drain for them.
             conns.stop_waiting()
             deps.warm.close_all()
+            if workers is not None:
+                workers.begin_drain(cfg.proxy.drain_timeout)
         for _, sock, _ in listeners:
             sock.close()
         connections.cancel_scope.deadline = trio.current_time() + cfg.proxy.drain_timeout
+    if workers is not None:
+        await workers.wait_stopped()
     log.event("agent_stopped")
 
 
@@ -317,13 +345,18 @@ def _admin_sources(
     registrar: Registrar,
     resolver: DestinationResolver,
     conns: OpenConnections,
+    workers: WorkerPool | None,
 ) -> AdminSources:
     def stats() -> dict[str, Any]:
+        workers_open = (
+            0 if workers is None else sum(w.open_inbound_connections for w in workers.status)
+        )
         return {
             "snapshots": pipeline.statistics(),
             "registration": registrar.statistics(),
             "discovery": resolver.statistics(),
-            "open_inbound_connections": len(conns),
+            "open_inbound_connections": len(conns) + workers_open,
+            "workers": [] if workers is None else workers.statistics(),
         }
 
     def snapshot_json() -> bytes | None:
@@ -335,4 +368,5 @@ def _admin_sources(
         ready=lambda: pipeline.holder.current() is not None,
         stats=stats,
         snapshot_json=snapshot_json,
+        worker_reports=(lambda: []) if workers is None else workers.reports,
     )

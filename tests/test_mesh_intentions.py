@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -337,13 +340,16 @@ def test_malformed_document_denies_its_destination_only(baseline: Mesh) -> None:
     assert 'meshd_config_errors{kind="intentions"} 1.0' in metrics
 
 
-def _restart_agent(mesh: Mesh, host: str, *, close_denied: bool) -> None:
-    """Restart *host*'s agent with ``[proxy] close_denied`` set as given."""
+def _restart_agent(mesh: Mesh, host: str, *, close_denied: bool = True, workers: int = 1) -> None:
+    """Restart *host*'s agent with ``[proxy] close_denied`` and ``workers`` set as given."""
     mh = mesh.hosts[host]
     toml = mh.dir / "agent.toml"
     text = toml.read_text().replace("close_denied = false\n", "")
+    text = re.sub(r"workers = \d+\n", "", text)
     if not close_denied:
         text = text.replace("[proxy]\n", "[proxy]\nclose_denied = false\n")
+    if workers != 1:
+        text = text.replace("[proxy]\n", f"[proxy]\nworkers = {workers}\n")
     toml.write_text(text)
     assert mh.agent is not None
     mh.agent.stop()
@@ -369,3 +375,120 @@ def test_with_close_denied_off_open_connections_outlive_a_deny(baseline: Mesh) -
         assert not agent_events(mesh, "api", "connections_closed_by_policy")
     finally:
         _restart_agent(mesh, "api", close_denied=True)
+
+
+# -- data-path workers ([proxy] workers, docs/adr/011) -----------------------------------------
+
+
+def _stats(mesh: Mesh, host: str) -> dict[str, Any]:
+    return dict(json.loads(mesh.wait_admin(host, "/stats")))
+
+
+def _worker_pid(mesh: Mesh, host: str, *, not_: int | None = None, timeout_s: float = 15) -> int:
+    """The pid of *host*'s one worker once it runs (and is not *not_*)."""
+    deadline = time.monotonic() + timeout_s
+    workers: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        workers = _stats(mesh, host)["workers"]
+        if len(workers) == 1 and workers[0]["pid"] not in (None, not_):
+            return int(workers[0]["pid"])
+        time.sleep(0.2)
+    raise AssertionError(f"{host}: no running worker (other than {not_}): {workers}")
+
+
+def _access(mesh: Mesh, host: str, **match: Any) -> list[dict[str, Any]]:
+    return [e for e in agent_events(mesh, host, "access") if match.items() <= e.items()]
+
+
+def _served_by_both(mesh: Mesh, host: str, ok: bool, **match: Any) -> tuple[int, int]:
+    """Call web → api until the api agent and its worker each logged one such connection."""
+    api = mesh.lab.hosts["api"]
+    agent = worker = 0
+    for _ in range(150):
+        assert call_ok(mesh, "web", api.address, API_PORT) == ok
+        found = _access(mesh, host, **match)
+        worker = sum(1 for e in found if e.get("worker") == 1)
+        agent = len(found) - worker
+        if agent and worker:
+            break
+    return agent, worker
+
+
+CONNECTIONS = "meshd_tcp_connections_total"
+
+
+def _metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_workers_serve_the_same_listeners_with_the_same_policy(baseline: Mesh) -> None:
+    """``workers = 2``: a second process accepts on the agent's sockets, is fed snapshots and
+    certificates, enforces intentions, logs as ``"worker": 1`` and its counters reach the
+    agent's /metrics; both sides of the hop run workers."""
+    mesh = baseline
+    api = mesh.lab.hosts["api"]
+    for host in ("web", "api"):
+        _restart_agent(mesh, host, workers=2)
+    try:
+        pid = _worker_pid(mesh, "api")
+        assert "worker" in Path(f"/proc/{pid}/cmdline").read_text()
+        _worker_pid(mesh, "web")
+        assert wait_outcome(mesh, "web", api.address, API_PORT, ok=True, timeout_s=30)
+
+        # Allowed: each process of the api agent carried some of the calls.
+        agent, worker = _served_by_both(mesh, "api", True, direction="inbound", outcome="closed")
+        assert agent and worker, (agent, worker)
+        # Outbound on web likewise (its worker dials api with web's certificate).
+        web_found = _access(mesh, "web", direction="outbound", outcome="closed")
+        assert {e.get("worker") for e in web_found} >= {None, 1}, web_found[-5:]
+
+        # /metrics is the host's total: agent + worker, as many as the access log shows.
+        time.sleep(1.5)  # a worker reports every second
+        metrics = mesh.wait_admin("api", "/metrics")
+        logged = len(_access(mesh, "api", direction="inbound", outcome="closed"))
+        counted = _metric_sum(metrics, CONNECTIONS, direction="inbound", outcome="closed")
+        assert counted == logged, (counted, logged)
+
+        # Denied: the worker refuses too, with its own view of the new intentions.
+        mesh.meshctl("intention", "create", "web", "api", "--deny", "--replace")
+        assert not wait_outcome(mesh, "web", api.address, API_PORT, ok=False, timeout_s=5)
+        agent, worker = _served_by_both(mesh, "api", False, direction="inbound", outcome="refused")
+        assert agent and worker, (agent, worker)
+    finally:
+        mesh.meshctl("intention", "create", "web", "api", "--allow", "--replace")
+        for host in ("web", "api"):
+            _restart_agent(mesh, host)
+
+
+def test_a_dead_worker_is_replaced_and_workers_leave_with_the_agent(baseline: Mesh) -> None:
+    mesh = baseline
+    api = mesh.lab.hosts["api"]
+    _restart_agent(mesh, "api", workers=2)
+    try:
+        first = _worker_pid(mesh, "api")
+        agent, worker = _served_by_both(mesh, "api", True, direction="inbound", outcome="closed")
+        assert agent and worker, (agent, worker)
+        time.sleep(1.5)  # the worker's last report is in
+        labels = {"direction": "inbound", "outcome": "closed"}
+        before = _metric_sum(mesh.wait_admin("api", "/metrics"), CONNECTIONS, **labels)
+        os.kill(first, signal.SIGKILL)  # a worker this test's agent started
+        second = _worker_pid(mesh, "api", not_=first)
+        # What the dead worker carried stays in the host's totals (counters never go down).
+        assert _metric_sum(mesh.wait_admin("api", "/metrics"), CONNECTIONS, **labels) >= before
+        assert [e["worker"] for e in agent_events(mesh, "api", "worker_exited")] == [1]
+        assert wait_outcome(mesh, "web", api.address, API_PORT, ok=True, timeout_s=10)
+        mh = mesh.hosts["api"]
+        assert mh.agent is not None
+        mh.agent.stop()
+        # The agent waits for its workers: none is left behind.
+        assert not Path(f"/proc/{second}").exists()
+        assert agent_events(mesh, "api", "worker_stopped")
+        # A clean drain: the worker was told, finished, and needed no kill.
+        assert not agent_events(mesh, "api", "worker_link_failed")
+        assert not agent_events(mesh, "api", "worker_killed")
+    finally:
+        _restart_agent(mesh, "api")
