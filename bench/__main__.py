@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 1)")
     p.add_argument("--duration", type=float, default=None, help="measured seconds per cell")
     p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds per cell")
-    p.add_argument("--systems", default="direct,consul,haproxy,meshd,meshd-naive")
+    p.add_argument("--systems", default="direct,consul,haproxy,meshd,meshd-w2,meshd-naive")
     p.add_argument("--workloads", default="", help="comma list of workload names (default all)")
     p.add_argument("--newconn-rate", type=float, default=50.0, help="new connections/s, open loop")
     p.add_argument("--no-wrk", action="store_true", help="closed loop with the Python generator")
@@ -185,6 +185,18 @@ def _render(cells, systems, workloads, skipped, info, args, use_wrk, elapsed) ->
         report.targets_table(report.targets(figs, k), report.CANDIDATE),
         "",
         *((note, "") if (note := report.noise_note(figs, k)) else ()),
+        *(
+            (
+                f"`{report.WORKERS}` = meshd with `[proxy] workers = 2`: two processes per proxy"
+                " accepting from one shared listening socket (about twice the memory); CPU is"
+                " summed over all four processes:",
+                "",
+                report.targets_table(report.targets(figs, k, report.WORKERS), report.WORKERS),
+                "",
+            )
+            if report.WORKERS in systems
+            else ()
+        ),
         "Reference only (the naive trio.SSLStream pair the issue started from):",
         "",
         report.targets_table(report.targets(figs, k, "meshd-naive"), "meshd-naive"),
@@ -194,7 +206,8 @@ def _render(cells, systems, workloads, skipped, info, args, use_wrk, elapsed) ->
         report.detail_table(figs, systems, workloads),
         "",
         "CPU µs/req is utime+stime from /proc/<pid>/stat of the proxy processes over the"
-        " measured window divided by completed requests (clock-tick resolution, 10 ms). The"
+        " measured window divided by completed requests (clock-tick resolution, 10 ms);"
+        f" `{report.WORKERS}` lists each side's two processes (out1+out2 + in1+in2). The"
         " generator's own CPU per request is in the last column; nginx is the same for all.",
     ]
     if skipped:

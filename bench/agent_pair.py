@@ -1,6 +1,7 @@
 """The agent's own proxy handlers as a benchmark process, one per side.
 
     python -m bench.agent_pair ROLE VARIANT PORT TARGET CERTDIR [--engine epoll|trio]
+                                [--listen-fd FD]
 
 ``ROLE`` is ``outbound`` (plaintext in on PORT, mTLS out to TARGET) or ``inbound`` (mTLS in
 on PORT, plaintext out to TARGET). Both run ``agent.outbound._to_mesh_service`` /
@@ -13,6 +14,13 @@ is left out: the outbound proxy is told the destination service, the inbound pro
 ``full`` (no resumption, no verifier memory, no warm connections), ``nomem`` (resumption),
 ``resume`` (resumption + verifier memory) and ``warm`` (as shipped: all of it plus two warm
 connections per endpoint, docs/adr/010).
+
+``--listen-fd FD`` serves an inherited listening socket instead of opening PORT: several
+processes then accept from the one socket, as the agent's ``[proxy] workers`` do (the
+``meshd-w2`` system), and the accept loop runs with ``shared=True``. Such a process prints
+``accepting`` to stderr when its accept loop starts; with ``BENCH_ACCEPT_LOG=1`` it also
+prints one ``accept ROLE PID MONOTONIC`` line per accepted connection (to see how the
+connections spread over the processes).
 
 On SIGTERM it prints its handshake and warm-connection counters to stderr and exits.
 """
@@ -89,11 +97,18 @@ class _Files:
 
 
 async def serve_meshd(
-    role: str, variant: str, port: int, target: int, certdir: Path, engine: str = "trio"
+    role: str,
+    variant: str,
+    port: int,
+    target: int,
+    certdir: Path,
+    engine: str = "trio",
+    listen_fd: int | None = None,
 ) -> None:
     """One of the agent's proxies, through its own handler functions.
 
     *engine* is ``[proxy] engine``: ``epoll`` (the agent's default) or ``trio``.
+    *listen_fd* is an inherited listening socket shared with other processes (``--listen-fd``).
     """
     from agent import inbound, outbound
     from agent.accesslog import JsonLog
@@ -178,8 +193,12 @@ async def serve_meshd(
         profile.enable()
     signal.signal(signal.SIGTERM, report)
 
+    accept_log = listen_fd is not None and os.environ.get("BENCH_ACCEPT_LOG") == "1"
+
     async def handle(sock: socket.socket) -> None:
         started = trio.current_time()
+        if accept_log:
+            print(f"accept {role} {os.getpid()} {time.monotonic():.6f}", file=sys.stderr)
         if role == "outbound":
             await outbound._to_mesh_service(deps, view, sock, "api", started)
             return
@@ -187,8 +206,13 @@ async def serve_meshd(
         await inbound.serve_inbound(deps, conns, sock, ("127.0.0.1", target), client=client,
                                     started=started)  # fmt: skip
 
-    # The agent's own listener and accept loop.
-    listener = open_listener("127.0.0.1", port, inherited={})
+    # The agent's own listener and accept loop; or a listening socket shared with the other
+    # processes of this side (opened by the launcher, like the agent's workers get theirs).
+    if listen_fd is None:
+        listener = open_listener("127.0.0.1", port, inherited={})
+    else:
+        listener = socket.socket(fileno=listen_fd)
+        listener.setblocking(False)
     async with contextlib.AsyncExitStack() as stack:
         if engine == "epoll":
             from agent.epollpump import open_pump_engine
@@ -196,7 +220,11 @@ async def serve_meshd(
             deps.pump = (await stack.enter_async_context(open_pump_engine())).pump
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(deps.warm.serve)
-        await serve_accept_loop(listener, handle, nursery, log=log, name=role)
+        if listen_fd is not None:
+            print("accepting", file=sys.stderr, flush=True)
+        await serve_accept_loop(
+            listener, handle, nursery, log=log, name=role, shared=listen_fd is not None
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,9 +236,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("target", type=int)
     p.add_argument("certdir", type=Path)
     p.add_argument("--engine", choices=["epoll", "trio"], default="epoll")
+    p.add_argument(
+        "--listen-fd",
+        type=int,
+        default=None,
+        metavar="FD",
+        help="serve this inherited listening socket (shared with other processes)",
+    )
     args = p.parse_args(argv)
     trio.run(serve_meshd, args.role, args.variant, args.port, args.target, args.certdir,
-             args.engine)  # fmt: skip
+             args.engine, args.listen_fd)  # fmt: skip
 
 
 if __name__ == "__main__":

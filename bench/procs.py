@@ -86,8 +86,13 @@ class Processes:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> Child:
-        """Start ``argv`` with stdout/stderr to ``<logdir>/<name>.log``."""
+        """Start ``argv`` with stdout/stderr to ``<logdir>/<name>.log``.
+
+        ``pass_fds`` stay open in the child under the same numbers (e.g. a listening socket
+        shared by several processes); every other descriptor is closed.
+        """
         log = self._logdir / f"{name}.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(
@@ -97,6 +102,7 @@ class Processes:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})},
                 cwd=cwd,
+                pass_fds=tuple(pass_fds),
                 start_new_session=True,  # a Ctrl-C at the terminal reaches only us
             )
         child = Child(name, proc, log)
@@ -122,6 +128,15 @@ class Processes:
                 time.sleep(0.1)
             else:
                 return
+
+    def wait_output(self, child: Child, marker: str, *, timeout: float) -> None:
+        """Wait until ``marker`` appears in ``child``'s log; fail at once if it exits."""
+        deadline = time.monotonic() + timeout
+        while marker not in child.log.read_text(errors="replace"):
+            self.check_alive(child)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{child.name} did not print {marker!r} after {timeout}s")
+            time.sleep(0.1)
 
     def stop_all(self, grace: float = 3.0) -> None:
         """SIGTERM every live child, wait up to ``grace`` s, then SIGKILL the rest."""

@@ -24,6 +24,7 @@ from bench.workloads import Cell, Workload
 PCTS = ("p50", "p90", "p99", "p99.9")
 REFERENCE = "consul"
 CANDIDATE = "meshd"
+WORKERS = "meshd-w2"  # meshd with [proxy] workers = 2: two processes per proxy
 BEGIN = "<!-- bench:{name}:begin -->"
 END = "<!-- bench:{name}:end -->"
 
@@ -166,7 +167,7 @@ def detail_table(
             fg = figs.get((s, w.name))
             if fg is None:
                 continue
-            split = " + ".join(_fmt(x, 1) for x in reversed(fg.cpu_split_us)) or "-"
+            split = _split(fg.cpu_split_us)
             rows.append(
                 "| "
                 + " | ".join(
@@ -187,6 +188,15 @@ def detail_table(
                 + " |"
             )
     return "\n".join(rows)
+
+
+def _split(cpu: tuple[float, ...]) -> str:
+    """Per-process CPU as "out + in"; several processes per side (launchers return the
+    inbound side's PIDs first) as "out1+out2 + in1+in2"."""
+    if len(cpu) <= 2 or len(cpu) % 2:
+        return " + ".join(_fmt(x, 1) for x in reversed(cpu)) or "-"
+    half = len(cpu) // 2
+    return " + ".join("+".join(_fmt(x, 1) for x in side) for side in (cpu[half:], cpu[:half]))
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,11 @@ returns where the load generator connects plus the PIDs whose CPU is charged to 
         def start_pair(self, upstream: Addr) -> tuple[Addr, tuple[int, ...]]: ...
 
 ``meshd`` is :class:`AgentPair`: the agent's own proxy handlers, each side its own
-process (``bench.agent_pair``). ``meshd-naive`` is the trio.SSLStream baseline the issue
-started from (``bench.meshd_pair naive``). Processes must be started with
-``env.procs.start`` so that they are ended on every exit path.
+process (``bench.agent_pair``). ``meshd-w2`` is the same with ``[proxy] workers = 2``: two
+processes per side accepting from one listening socket, as the agent's workers do.
+``meshd-naive`` is the trio.SSLStream baseline the issue started from
+(``bench.meshd_pair naive``). Processes must be started with ``env.procs.start`` so that
+they are ended on every exit path.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import importlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -107,19 +110,32 @@ class AgentPair:
 
     SPIFFE SVIDs from ``meshd.pki``, peer verification and intentions on every connection,
     the epoll pump engine, TLS resumption and warm connections (docs/adr/008, 010).
+
+    ``workers`` > 1 is ``[proxy] workers``: the launcher opens each side's listening socket
+    itself and starts that many processes per side, all accepting from it (``--listen-fd``;
+    no SO_REUSEPORT), the way the agent passes its sockets to its worker processes.
     """
 
-    def __init__(self, env: Env, variant: str = "warm") -> None:
+    def __init__(self, env: Env, variant: str = "warm", workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, not {workers}")
         self.env = env
         self.variant = variant
+        self.workers = workers
 
-    def start_pair(self, upstream: Addr) -> tuple[Addr, tuple[int, ...]]:
+    def _certdir(self) -> Path:
         from bench.agent_pair import write_pki
 
         certdir = self.env.workdir / f"agent-pki-{self.variant}"
         if not certdir.exists():
             certdir.mkdir(mode=0o700)
             write_pki(certdir)
+        return certdir
+
+    def start_pair(self, upstream: Addr) -> tuple[Addr, tuple[int, ...]]:
+        if self.workers > 1:
+            return self._start_workers(upstream)
+        certdir = self._certdir()
         inbound, outbound = (HOST, free_port()), (HOST, free_port())
         pids = []
         for role, listen, up in (("inbound", inbound, upstream), ("outbound", outbound, inbound)):
@@ -131,6 +147,49 @@ class AgentPair:
             pids.append(child.pid)
         wait_http_ok(outbound, timeout=15)
         return outbound, tuple(pids)
+
+    def _start_workers(self, upstream: Addr) -> tuple[Addr, tuple[int, ...]]:
+        """``workers`` processes per side on one shared listening socket per side.
+
+        PIDs are returned inbound processes first, then outbound (CPU is charged to all).
+        """
+        certdir = self._certdir()
+        socks = {"inbound": _shared_listener(), "outbound": _shared_listener()}
+        try:
+            inbound, outbound = (socks[r].getsockname()[:2] for r in ("inbound", "outbound"))
+            children = []
+            for role, listen, up in (("inbound", inbound, upstream),
+                                     ("outbound", outbound, inbound)):  # fmt: skip
+                fd = socks[role].fileno()
+                argv = [sys.executable, "-m", "bench.agent_pair", role, self.variant,
+                        str(listen[1]), str(up[1]), str(certdir), f"--listen-fd={fd}"]  # fmt: skip
+                env = {"PYTHONPATH": str(REPO)}
+                for i in range(1, self.workers + 1):
+                    name = f"meshd-w{self.workers}-{role}-{i}"
+                    child = self.env.procs.start(name, argv, env=env, cwd=REPO, pass_fds=(fd,))
+                    children.append(child)
+        finally:
+            for s in socks.values():  # the children hold their own copies
+                s.close()
+        # The sockets listen from the moment they are bound, so wait until every process
+        # has entered its accept loop (else the first to get there takes every connection).
+        for child in children:
+            self.env.procs.wait_output(child, "accepting", timeout=15)
+        wait_http_ok(outbound, timeout=15)
+        return outbound, tuple(c.pid for c in children)
+
+
+def _shared_listener() -> socket.socket:
+    """A listening socket on a free loopback port, to be inherited by several processes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((HOST, 0))
+        sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class HAProxyPair:
@@ -245,6 +304,7 @@ def launchers(env: Env) -> dict[str, PairLauncher]:
         "consul": ConsulPair(env),
         "haproxy": HAProxyPair(env),
         "meshd": AgentPair(env),
+        "meshd-w2": AgentPair(env, workers=2),
         "meshd-naive": TrioPair(env, "naive"),
     }
 
@@ -255,7 +315,7 @@ def available(name: str) -> str | None:
         return "haproxy not installed"
     if name == "consul" and not shutil.which("consul"):
         return "consul not installed"
-    if name == "meshd":
+    if name in ("meshd", "meshd-w2"):
         try:
             for module in ("agent.outbound", "agent.inbound", "agent.epollpump"):
                 importlib.import_module(module)
