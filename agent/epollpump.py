@@ -80,7 +80,7 @@ from agent.epollio import (
     send_eof,
     write,
 )
-from agent.pump import Connection, Outcome, PlainConnection, PumpResult
+from agent.pump import Connection, Outcome, PlainConnection, PumpFunction, PumpResult, pump
 from agent.tlsconn import TLSConnection
 
 _BUDGET = 16  # chunks per direction per wakeup
@@ -513,3 +513,14 @@ async def open_pump_engine(
         engine.close()
         if switch_interval is not None:
             sys.setswitchinterval(previous)
+
+
+@contextlib.asynccontextmanager
+async def open_pump(engine: str) -> AsyncIterator[PumpFunction]:
+    """The pump for ``[proxy] engine``: an epoll engine's for the block's duration, or
+    :func:`agent.pump.pump` for ``"trio"``."""
+    if engine == "epoll":
+        async with open_pump_engine() as eng:
+            yield eng.pump
+    else:
+        yield pump

@@ -13,9 +13,10 @@ ones keep flowing until they finish or the drain deadline passes.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import trio
 
@@ -132,3 +133,20 @@ async def serve_accept_loop(
         connections.start_soon(handler, conn)
         if shared:
             await trio.lowlevel.wait_readable(listener)
+
+
+async def start_accept_loops(
+    acceptors: trio.Nursery,
+    listeners: Iterable[tuple[str, socket.socket, Handler]],
+    connections: trio.Nursery,
+    *,
+    log: JsonLog,
+    shared: bool,
+) -> None:
+    """Start :func:`serve_accept_loop` in *acceptors* for each (name, socket, handler)."""
+    for name, sock, handler in listeners:
+        await acceptors.start(
+            functools.partial(
+                serve_accept_loop, sock, handler, connections, log=log, name=name, shared=shared
+            )  # fmt: skip
+        )

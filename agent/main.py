@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from agent.redirect_cli import redirect_cli
-from agent.run_cli import run_cmd, worker_cmd
+from agent.run_cli import run_cmd
 from meshd import __version__
 from meshd.console import run_cli
 
@@ -18,7 +18,6 @@ def agent_cli() -> None:
 
 agent_cli.add_command(redirect_cli)
 agent_cli.add_command(run_cmd)
-agent_cli.add_command(worker_cmd)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from agent.tlscontexts import TLSContexts
 from agent.tlssessions import SessionCache
 from agent.warmpool import WarmPool
 from meshd.balancer import RoundRobin
+from meshd.config.agent import ProxyConfig
 from meshd.dataplane import DataPlaneView
 from meshd.peer import PeerRole, PeerVerifier, VerifiedPeer
 from meshd.trustbundle import TrustBundle
@@ -79,6 +80,38 @@ class ProxyDeps:
     peers: PeerVerifier = field(default_factory=PeerVerifier)
     pump: PumpFunction = pump
     warm: WarmPool = field(default_factory=WarmPool)
+
+
+def proxy_deps(
+    settings: ProxyConfig,
+    *,
+    view: Callable[[], DataPlaneView | None],
+    tls: TLSContexts,
+    metrics: AgentMetrics,
+    log: JsonLog,
+    on_unknown_destination: Callable[[str, int], None],
+    pump: PumpFunction,
+) -> ProxyDeps:
+    """The proxies' dependencies under ``[proxy]`` *settings*: the agent's and each worker's.
+
+    The warm pool counts into *metrics*; it is refilled only while its ``serve`` runs.
+    """
+    warm = WarmPool(
+        per_endpoint=settings.warm_connections,
+        idle_timeout=settings.warm_idle_timeout,
+        count=lambda outcome: metrics.warm_connections.labels(outcome).inc(),
+    )
+    metrics.warm_idle.set_function(lambda: warm.idle_count)
+    return ProxyDeps(
+        view=view,
+        tls=tls,
+        metrics=metrics,
+        log=log,
+        timeouts=ProxyTimeouts(connect=settings.connect_timeout, idle=settings.idle_timeout),
+        on_unknown_destination=on_unknown_destination,
+        pump=pump,
+        warm=warm,
+    )
 
 
 def verify_now(

@@ -57,13 +57,3 @@ def run_cmd(config_path: Path) -> None:
                 )
 
     trio.run(main)
-
-
-@click.command("worker", hidden=True)
-@click.option("--link-fd", type=int, required=True, help="The agent's end of the link.")
-@click.option("--log-level", default="info", help="As the agent's [log] level.")
-def worker_cmd(link_fd: int, log_level: str) -> None:
-    """A data-path worker; started by ``meshd-agent run`` with ``[proxy] workers`` > 1."""
-    from agent.worker import run_worker
-
-    run_worker(link_fd, log_level)

@@ -19,12 +19,10 @@ redirected connection is refused, never delivered to an application unproxied. O
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import random
 import signal
 import socket
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,18 +33,16 @@ from agent.accesslog import JsonLog
 from agent.admin import AdminSources, serve_admin
 from agent.certifier import Certifier, CertifierSettings, Endpoints
 from agent.discovery import DestinationResolver, consul_lookup, serve_discovery
-from agent.epollpump import open_pump_engine
+from agent.epollpump import open_pump
 from agent.inbound import OpenConnections, handle_inbound
-from agent.listener import inherited_sockets, open_listener, serve_accept_loop
+from agent.listener import inherited_sockets, open_listener, start_accept_loops
 from agent.metrics import AgentMetrics
 from agent.outbound import handle_outbound
-from agent.proxycore import ProxyDeps, ProxyTimeouts
-from agent.pump import PumpFunction, pump
+from agent.proxycore import ProxyDeps, proxy_deps
 from agent.registration import Registrar, serve_registration
 from agent.signclient import Endpoint
 from agent.snapshots import SnapshotPipeline, local_services_from_config, serve_snapshots
 from agent.tlscontexts import TLSContexts
-from agent.warmpool import WarmPool
 from agent.worker import WorkerPool
 from meshd.config import AgentConfig, ServiceConfig
 from meshd.consul import ConsulClient
@@ -111,7 +107,7 @@ async def serve_agent(
     cfg = options.config
     metrics = AgentMetrics()
     views = ViewCache(prefix=cfg.consul.kv_prefix)
-    async with _open_pump(cfg.proxy.engine) as pump_fn, trio.open_nursery() as background:
+    async with open_pump(cfg.proxy.engine) as pump_fn, trio.open_nursery() as background:
         pipeline: SnapshotPipeline = await background.start(
             functools.partial(
                 serve_snapshots,
@@ -154,23 +150,16 @@ async def serve_agent(
         resolver: DestinationResolver = await background.start(
             functools.partial(serve_discovery, consul_lookup(consul), pipeline.request_upstream)
         )
-        warm = WarmPool(
-            per_endpoint=cfg.proxy.warm_connections,
-            idle_timeout=cfg.proxy.warm_idle_timeout,
-            count=lambda outcome: metrics.warm_connections.labels(outcome).inc(),
-        )
-        metrics.warm_idle.set_function(lambda: warm.idle_count)
-        await background.start(warm.serve)
-        deps = ProxyDeps(
+        deps = proxy_deps(
+            cfg.proxy,
             view=current_view,
             tls=TLSContexts(certifier),
             metrics=metrics,
             log=log,
-            timeouts=ProxyTimeouts(connect=cfg.proxy.connect_timeout, idle=cfg.proxy.idle_timeout),
             on_unknown_destination=resolver.notify_unknown,
             pump=pump_fn,
-            warm=warm,
         )
+        await background.start(deps.warm.serve)
         conns = OpenConnections()
         workers = None
         if cfg.proxy.workers > 1:
@@ -232,18 +221,7 @@ async def _serve_proxies(
         if workers is not None:
             await supervisor.start(workers.serve, [(name, sock) for name, sock, _ in listeners])
         async with trio.open_nursery() as acceptors:
-            for name, sock, handler in listeners:
-                await acceptors.start(
-                    functools.partial(
-                        serve_accept_loop,
-                        sock,
-                        handler,
-                        connections,
-                        log=log,
-                        name=name,
-                        shared=shared,
-                    )  # fmt: skip
-                )
+            await start_accept_loops(acceptors, listeners, connections, log=log, shared=shared)
             notify("READY=1")
             log.event("agent_ready", admin_port=handle.admin_port)
             task_status.started(handle)
@@ -315,16 +293,6 @@ async def _serve_policy_enforcement(
             closed = conns.close_denied(view)
             if closed:
                 log.event("connections_closed_by_policy", count=closed, version=version)
-
-
-@contextlib.asynccontextmanager
-async def _open_pump(engine: str) -> AsyncIterator[PumpFunction]:
-    """The pump for ``[proxy] engine``; an epoll engine lives as long as the agent."""
-    if engine == "epoll":
-        async with open_pump_engine() as eng:
-            yield eng.pump
-    else:
-        yield pump
 
 
 def _discover_meshd(consul: ConsulClient) -> Endpoints:

@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from agent.holder import HolderStatistics, SnapshotHolder
 from meshd.config import ServiceConfig
 from meshd.consul import ConsulClient, KVEntry, ServiceInstance, Watch, WatchStatistics
 from meshd.keyfile import KeyFileError, read_secret, write_secret
@@ -48,57 +49,6 @@ from meshd.snapshot import (
 log = logging.getLogger("meshd.agent.snapshots")
 SNAPSHOT_FILE = "snapshot.json"
 _EVENT_BUFFER = 256
-
-
-@dataclass(frozen=True)
-class HolderStatistics:
-    """State of a :class:`SnapshotHolder`."""
-
-    version: int | None
-    published: int
-    waiting: int
-
-
-class SnapshotHolder:
-    """The latest published snapshot; readers never queue, they skip to the newest."""
-
-    def __init__(self, initial: Snapshot | None = None) -> None:
-        """Hold *initial* (e.g. the persisted snapshot) until something newer arrives."""
-        self._current = initial
-        self._changed = trio.Event()
-        self._published = 0
-        self._waiting = 0
-
-    def current(self) -> Snapshot | None:
-        """The newest snapshot, or None before the first one."""
-        return self._current
-
-    def publish(self, snapshot: Snapshot) -> bool:
-        """Make *snapshot* current if it is newer; return whether it was."""
-        if self._current is not None and snapshot.version <= self._current.version:
-            return False
-        self._current = snapshot
-        self._published += 1
-        self._changed.set()
-        self._changed = trio.Event()
-        return True
-
-    async def wait_newer(self, version: int | None) -> Snapshot:
-        """Wait for a snapshot newer than *version* (None: any) and return the newest."""
-        self._waiting += 1
-        try:
-            while self._current is None or (
-                version is not None and self._current.version <= version
-            ):
-                await self._changed.wait()
-        finally:
-            self._waiting -= 1
-        return self._current
-
-    def statistics(self) -> HolderStatistics:
-        """A frozen view of the holder."""
-        version = None if self._current is None else self._current.version
-        return HolderStatistics(version, self._published, self._waiting)
 
 
 def load_persisted(state_dir: Path) -> Snapshot | None:
