@@ -16,6 +16,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from agent import buffers
 from agent.tlsconn import read_received_records
 
 if TYPE_CHECKING:
@@ -104,7 +105,9 @@ class Direction:
     def __init__(self, src: Side, dst: Side, buffer_size: int) -> None:
         self.src = src
         self.dst = dst
-        self.view = memoryview(bytearray(buffer_size))
+        self.view = memoryview(
+            buffers.take() if buffer_size == buffers.SIZE else bytearray(buffer_size)
+        )
         self.count = 0
         self.state = READING
         # The one-chunk fast path for this pair of socket kinds (see _fast_plain_plain).

@@ -63,11 +63,11 @@ from dataclasses import dataclass
 
 import trio
 
+from agent import buffers
 from agent.epollio import (
     DONE,
     EOF_SEEN,
     FAST_PATHS,
-    RAW_BUFFER,
     READING,
     SESSION_KEY,
     Direction,
@@ -145,7 +145,7 @@ def _side_from(conn: Connection, job: Job) -> Side:
         side.obj, side.incoming, side.outgoing = state.obj, state.incoming, state.outgoing
         side.ssl = getattr(state.obj, "_sslobj", state.obj)
         side.stash, side.stash_end, side.eof_sent = state.stash, state.stash_end, state.eof_sent
-        side.rbuf = memoryview(bytearray(RAW_BUFFER))
+        side.rbuf = state.rbuf
         if not state.obj.server_side:
             state.obj.__class__ = EngineOwnedSSLObject
             if conn.harvest_ticket:
@@ -474,6 +474,11 @@ class PumpEngine:
                 side.sock.close()
             else:
                 reset(side.sock)
+            if side.rbuf is not None:
+                buffers.give(side.rbuf.obj)
+        # Nothing reads or writes this connection's buffers from here on.
+        buffers.give(job.a_to_b.view.obj)
+        buffers.give(job.b_to_a.view.obj)
         delivery = job.deliver
         result = (outcome, detail, job.a_to_b.count, job.b_to_a.count)
         with contextlib.suppress(trio.RunFinishedError):  # nobody is waiting any more

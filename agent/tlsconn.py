@@ -30,6 +30,7 @@ from typing import NamedTuple, cast
 
 import trio
 
+from agent import buffers
 from meshd.errors import MeshdError
 from meshd.peer import peer_chain_der
 
@@ -97,6 +98,7 @@ class TLSState(NamedTuple):
     stash: bytearray
     stash_end: BaseException | None
     eof_sent: bool
+    rbuf: memoryview  # the socket read buffer (an ``agent.buffers`` buffer), reused
 
 
 class TLSConnection:
@@ -112,7 +114,7 @@ class TLSConnection:
         self._obj = obj
         self._in = incoming
         self._out = outgoing
-        self._rbuf = memoryview(bytearray(_RAW_BUFFER))
+        self._rbuf = memoryview(buffers.take())  # goes on to the engine at hand-over
         self._rx = _Turn()
         self._tx = _Turn()
         # The last socket read came back short: the kernel buffer was empty, so the next read
@@ -208,7 +210,7 @@ class TLSConnection:
         """Give the session, with any bytes already buffered, to another owner (the epoll
         pump engine). Do not use this connection afterwards."""
         return TLSState(self._raw, self._obj, self._in, self._out, self._stash,
-                        self._stash_end, self._eof_sent)  # fmt: skip
+                        self._stash_end, self._eof_sent, self._rbuf)  # fmt: skip
 
     async def recv_into(self, buf: memoryview) -> int:
         """Read decrypted bytes into ``buf``; return how many, 0 at the peer's ``close_notify``.

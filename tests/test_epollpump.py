@@ -21,6 +21,7 @@ import pytest
 import trio
 import trustme
 
+from agent import buffers
 from agent.epollpump import PumpEngine, open_pump_engine
 from agent.pump import Connection, PlainConnection, PumpResult
 from agent.tlsconn import TLSConnection, handshake
@@ -639,3 +640,44 @@ async def test_client_session_ticket_is_published_and_resumes(
     server = out["s"]
     assert isinstance(server, TLSConnection)
     server.close()
+
+
+async def test_finished_connections_return_their_buffers_zeroed_for_the_next(
+    engine: PumpEngine, listener: socket.socket, pki: Pki
+) -> None:
+    """Both directions' buffers and the TLS read buffers go back to ``agent.buffers`` when a
+    connection ends, zeroed; the next connection takes those and carries its own bytes only."""
+    secret = b"connection-one-secret " * 3000  # fills well into the 64 KiB buffers
+    buffers._free.clear()
+    seen: list[set[int]] = []
+    with trio.fail_after(TIMEOUT):
+        for payload in (secret, b"two"):
+            async with open_mesh_path(engine, listener, pki) as path, trio.open_nursery() as n:
+                n.start_soon(echo_until_eof, path.upstream)
+                await path.app.send_all(payload)
+                await path.app.send_eof()
+                got = b""
+                while chunk := await path.app.receive_some(65536):
+                    got += chunk
+                assert got == payload
+            for result in path.results.values():
+                assert result.outcome == "closed", result
+            # Two pumps: two directions each, and one TLS side each with its read buffer.
+            free = list(buffers._free)
+            assert len(free) == 6 and all(not any(buf) for buf in free)
+            seen.append({id(buf) for buf in free})
+    assert seen[0] == seen[1]  # the second connection ran on the first one's buffers
+
+
+def test_the_buffer_pool_keeps_only_its_own_size_and_at_most_its_cap() -> None:
+    buffers._free.clear()
+    buffers.give(bytearray(1024))  # a caller's own buffer size: left to the collector
+    buffers.give(b"\x01" * buffers.SIZE)  # not a bytearray
+    assert buffers.free_count() == 0
+    for _ in range(buffers.MAX_FREE + 5):
+        buffers.give(bytearray(b"\x01" * buffers.SIZE))
+    assert buffers.free_count() == buffers.MAX_FREE
+    taken = buffers.take()
+    assert len(taken) == buffers.SIZE and not any(taken)
+    buffers._free.clear()
+    assert len(buffers.take()) == buffers.SIZE  # an empty pool allocates
