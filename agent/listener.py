@@ -148,5 +148,5 @@ async def start_accept_loops(
         await acceptors.start(
             functools.partial(
                 serve_accept_loop, sock, handler, connections, log=log, name=name, shared=shared
-            )  # fmt: skip
+            )
         )

@@ -74,14 +74,10 @@ MAX_UNKNOWN_PER_REPORT = 64
 RESTART_FIRST_S = 1.0
 RESTART_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0  # a worker up this long starts its next restart from 1 s again
-KILL_GRACE_S = 5.0
+KILL_GRACE_S = 5.0  # after drain_timeout, before a worker that did not exit is killed
+REPORT_TIMEOUT_S = 10.0  # a worker silent this long is stuck: it is killed and restarted
 # Sample names whose values only grow: a worker's last ones outlive it in the totals.
-_CUMULATIVE = (
-    "_total",
-    "_bucket",
-    "_count",
-    "_sum",
-)  # after drain_timeout, before a worker that did not exit is killed
+_CUMULATIVE = ("_total", "_bucket", "_count", "_sum")
 # The agent's systemd environment is not the worker's: it must not notify or take sockets.
 _NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
                   "LISTEN_PID", "LISTEN_FDNAMES")  # fmt: skip
@@ -472,7 +468,11 @@ class WorkerPool:
         nursery.start_soon(self._send_certs, link)
         nursery.start_soon(self._send_drain, link, status, process)
         while True:
-            message = await link.receive_json()
+            # A worker reports every second, also while it drains.
+            with trio.move_on_after(REPORT_TIMEOUT_S) as silent:
+                message = await link.receive_json()
+            if silent.cancelled_caught:
+                raise WorkerLinkError(f"worker {status.index} sent nothing for {REPORT_TIMEOUT_S}s")
             if message is None:
                 return
             self._take(status, message)

@@ -487,6 +487,14 @@ def test_a_dead_worker_is_replaced_and_workers_leave_with_the_agent(baseline: Me
         assert _metric_sum(mesh.wait_admin("api", "/metrics"), CONNECTIONS, **labels) >= before
         assert [e["worker"] for e in agent_events(mesh, "api", "worker_exited")] == [1]
         assert wait_outcome(mesh, "web", api.address, API_PORT, ok=True, timeout_s=10)
+        # A stuck worker (here: stopped) stops reporting; the agent replaces it.
+        os.kill(second, signal.SIGSTOP)
+        third = _worker_pid(mesh, "api", not_=second, timeout_s=25)
+        assert not Path(f"/proc/{second}").exists()  # killed and reaped, not left stopped
+        reasons = [e["reason"] for e in agent_events(mesh, "api", "worker_exited")]
+        assert len(reasons) == 2 and "sent nothing for" in reasons[1], reasons
+        assert wait_outcome(mesh, "web", api.address, API_PORT, ok=True, timeout_s=10)
+        second = third
         mh = mesh.hosts["api"]
         assert mh.agent is not None
         mh.agent.stop()
