@@ -506,3 +506,47 @@ def test_a_dead_worker_is_replaced_and_workers_leave_with_the_agent(baseline: Me
         assert not agent_events(mesh, "api", "worker_killed")
     finally:
         _restart_agent(mesh, "api")
+
+
+def test_workers_drain_with_the_agent_and_ignore_systemds_sigterm(baseline: Mesh) -> None:
+    """``systemctl stop`` signals every process of the unit: the worker ignores it, keeps
+    carrying its open connections through the agent's drain, and leaves with the agent."""
+    mesh = baseline
+    api = mesh.lab.hosts["api"]
+    _restart_agent(mesh, "api", workers=2)
+    holders: list[Process] = []
+    try:
+        worker = _worker_pid(mesh, "api")
+        assert wait_outcome(mesh, "web", api.address, API_PORT, ok=True, timeout_s=30)
+        # Hold connections open until the worker carries at least one (bounded).
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(holders) < 12:
+            holder = start_client(mesh, "web", "hold", api.address, API_PORT, limit_s=40)
+            wait_lines(holder, lambda line: line.get("event") == "open", timeout_s=10, what="hold")
+            holders.append(holder)
+            time.sleep(1.2)  # a worker reports its open connections every second
+            if _stats(mesh, "api")["workers"][0]["open_inbound_connections"]:
+                break
+        assert _stats(mesh, "api")["workers"][0]["open_inbound_connections"] >= 1
+        agent = mesh.hosts["api"].agent
+        assert agent is not None
+        stopped_at = time.time()
+        os.kill(worker, signal.SIGTERM)  # what systemd sends to every process of the unit
+        os.kill(agent.pid, signal.SIGTERM)
+        agent.popen.wait(timeout=30)
+        # Nothing was cut at SIGTERM: every held connection stayed open through the 2 s of
+        # propagation and was closed by the drain (drain_timeout 10 s in this lab).
+        for holder in holders:
+            closed = wait_lines(
+                holder, lambda line: line.get("event") == "closed", timeout_s=5, what="closed"
+            )
+            when = next(line["t"] for line in closed if line.get("event") == "closed")
+            assert when - stopped_at >= 2.0, (when - stopped_at, closed)
+        assert not Path(f"/proc/{worker}").exists()
+        assert agent_events(mesh, "api", "worker_draining")
+        assert not agent_events(mesh, "api", "worker_killed")
+        assert not agent_events(mesh, "api", "worker_exited")  # drained, not died
+    finally:
+        for holder in holders:
+            holder.stop()
+        _restart_agent(mesh, "api")
