@@ -101,7 +101,7 @@ async def serve_worker(link_sock: socket.socket, log: JsonLog) -> None:
     state = _WorkerState(settings, views, log)
     # Take the state the agent sends before serving: snapshot, certificates, then "start".
     while not state.started:
-        if not await state.apply(await link.receive()):
+        if not state.apply(await link.receive()):
             log.event("worker_stopped", worker=index)
             return
     async with open_pump(settings.engine) as pump_fn, trio.open_nursery() as background:
@@ -119,7 +119,7 @@ async def serve_worker(link_sock: socket.socket, log: JsonLog) -> None:
                 await start_accept_loops(acceptors, served, connections, log=log, shared=True)
                 await link.send_json({"type": "ready", "pid": os.getpid()})
                 try:
-                    while await state.apply(await link.receive()):
+                    while state.apply(await link.receive()):
                         pass
                 except (WorkerLinkError, trio.BrokenResourceError, OSError) as exc:
                     log.event("worker_link_failed", level="error", worker=index, error=str(exc))
@@ -145,7 +145,6 @@ class _WorkerState:
     credentials: LinkedCredentials = field(default_factory=lambda: LinkedCredentials(time.time))
     metrics: AgentMetrics = field(default_factory=AgentMetrics)
     started: bool = False
-    accepted: int = 0
     deps: ProxyDeps | None = None
     conns: OpenConnections | None = None
     unknown: list[tuple[str, int]] = field(default_factory=list)
@@ -172,7 +171,7 @@ class _WorkerState:
         if len(self.unknown) < MAX_UNKNOWN_PER_REPORT:
             self.unknown.append((address, port))
 
-    async def apply(self, frame: tuple[int, bytes] | None) -> bool:
+    def apply(self, frame: tuple[int, bytes] | None) -> bool:
         """Apply one frame from the agent; False at ``drain`` or the end of the link."""
         if frame is None:
             return False
