@@ -49,11 +49,10 @@ from agent.metrics import AgentMetrics
 from agent.outbound import handle_outbound
 from agent.proxycore import ProxyDeps, proxy_deps
 from agent.pump import PumpFunction
-from agent.tlscontexts import TLSContexts
+from agent.tlscontexts import CurrentCertificate, TLSContexts
 from agent.workerlink import (
     KIND_JSON,
     KIND_SNAPSHOT,
-    CertificateLike,
     Link,
     LinkedCredentials,
     ReportedSample,
@@ -145,7 +144,6 @@ class _WorkerState:
     credentials: LinkedCredentials = field(default_factory=lambda: LinkedCredentials(time.time))
     metrics: AgentMetrics = field(default_factory=AgentMetrics)
     started: bool = False
-    deps: ProxyDeps | None = None
     conns: OpenConnections | None = None
     unknown: list[tuple[str, int]] = field(default_factory=list)
 
@@ -154,7 +152,7 @@ class _WorkerState:
         return None if snapshot is None else self.views.view_for(snapshot)
 
     def build(self, pump_fn: PumpFunction) -> tuple[ProxyDeps, OpenConnections]:
-        self.deps = proxy_deps(
+        deps = proxy_deps(
             self.settings,
             view=self.current_view,
             tls=TLSContexts(self.credentials),
@@ -164,7 +162,7 @@ class _WorkerState:
             pump=pump_fn,
         )
         self.conns = OpenConnections()
-        return self.deps, self.conns
+        return deps, self.conns
 
     def note_unknown(self, address: str, port: int) -> None:
         """Queue an unmapped destination for the agent's discovery (bounded, never blocks)."""
@@ -279,7 +277,7 @@ class CertificateFeed(Protocol):
     def changed(self) -> trio.Event:
         """Set (and replaced) whenever a certificate changes."""
 
-    def current(self, service: str) -> CertificateLike | None:
+    def current(self, service: str) -> CurrentCertificate | None:
         """The service's valid certificate, or None."""
 
 
@@ -415,10 +413,9 @@ class WorkerPool:
             )
         except OSError as exc:
             ours.close()
-            theirs.close()
             return f"could not start: {exc}"
         finally:
-            theirs.close()
+            theirs.close()  # the worker has its own copy
         status.pid = process.pid
         status.starts += 1
         link = Link(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))

@@ -26,13 +26,14 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
+from agent.tlscontexts import CurrentCertificate
 from meshd.errors import MeshdError
 
 MAX_FRAME = 16 * 1024 * 1024
@@ -150,21 +151,8 @@ class LinkedCertificate:
     serial: int
 
 
-class CertificateLike(Protocol):
-    """A certificate as the agent's certifier hands it out."""
-
-    @property
-    def chain_pem(self) -> bytes: ...
-    @property
-    def key_path(self) -> Path: ...
-    @property
-    def not_after(self) -> float: ...
-    @property
-    def serial(self) -> int: ...
-
-
 def certs_message(
-    services: Iterable[str], current: Callable[[str], CertificateLike | None]
+    services: Iterable[str], current: Callable[[str], CurrentCertificate | None]
 ) -> dict[str, Any]:
     """The ``certs`` message: every local service that has a valid certificate now."""
     certs = {}
@@ -281,8 +269,7 @@ class MergedMetrics:
                 key = (s.name, frozenset(s.labels.items()))
                 add = extra.pop(key, 0.0)
                 merged.samples.append(s._replace(value=s.value + add) if add else s)
-            prefix = family.name
-            for key in [k for k in extra if k[0].startswith(prefix) and _member(family, k[0])]:
+            for key in [k for k in extra if _member(family, k[0])]:
                 merged.samples.append(Sample(key[0], dict(key[1]), extra.pop(key)))
             yield merged
 
