@@ -43,6 +43,8 @@ class Side:
     """One socket of a pumped connection, as the engine thread sees it."""
 
     __slots__ = (
+        "bio_read",
+        "bio_write",
         "drained",
         "dst_of",
         "eof_sent",
@@ -54,11 +56,16 @@ class Side:
         "outgoing",
         "pending",
         "rbuf",
+        "recv_into",
+        "send",
         "sock",
         "src_of",
         "ssl",
         "stash",
         "stash_end",
+        "tls_pending",
+        "tls_read",
+        "tls_write",
         "watch_ticket",
     )  # fmt: skip
 
@@ -66,12 +73,18 @@ class Side:
         self.sock = sock
         self.fd = sock.fileno()
         self.job = job
+        # Bound methods the fast paths call, looked up once per connection, not per chunk.
+        self.recv_into = sock.recv_into
+        self.send = sock.send
         self.obj: ssl.SSLObject | None = None
-        # The C object behind ``obj`` (``ssl.SSLObject._sslobj``): the fast paths call its
-        # read/write/pending directly, one Python frame less each (CPython 3.11 stdlib).
-        self.ssl: Any = None
+        self.ssl: Any = None  # see adopt_tls
         self.incoming: ssl.MemoryBIO | None = None
         self.outgoing: ssl.MemoryBIO | NoBIO = NO_BIO
+        self.tls_read: Any = None  # set by adopt_tls
+        self.tls_write: Any = None
+        self.tls_pending: Any = None
+        self.bio_write: Any = None
+        self.bio_read: Any = None
         self.rbuf: memoryview | None = None
         self.stash = bytearray()
         self.stash_end: BaseException | None = None
@@ -84,6 +97,19 @@ class Side:
         self.mask = 0  # what the engine's epoll has registered for this fd (0: not registered)
         self.src_of: Direction  # set by Job
         self.dst_of: Direction
+
+    def adopt_tls(
+        self, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
+    ) -> None:
+        """Make this a TLS side: ``obj``, its BIOs, and the bound methods the fast paths call."""
+        self.obj, self.incoming, self.outgoing = obj, incoming, outgoing
+        # The C object behind ``obj`` (``ssl.SSLObject._sslobj``): one Python frame less per
+        # call than the SSLObject wrappers (CPython 3.11 stdlib).
+        self.ssl = getattr(obj, "_sslobj", obj)
+        self.tls_read, self.tls_write, self.tls_pending = (
+            self.ssl.read, self.ssl.write, self.ssl.pending,
+        )  # fmt: skip
+        self.bio_write, self.bio_read = incoming.write, outgoing.read
 
     def has_output(self) -> bool:
         return self.pending is not None or self.outgoing.pending > 0
@@ -100,7 +126,7 @@ class Side:
 class Direction:
     """Bytes from ``src`` to ``dst`` through one fixed buffer."""
 
-    __slots__ = ("count", "dst", "fast", "src", "state", "view")
+    __slots__ = ("count", "dst", "fast", "size", "src", "state", "view")
 
     def __init__(self, src: Side, dst: Side, buffer_size: int) -> None:
         self.src = src
@@ -108,6 +134,7 @@ class Direction:
         self.view = memoryview(
             buffers.take() if buffer_size == buffers.SIZE else bytearray(buffer_size)
         )
+        self.size = len(self.view)
         self.count = 0
         self.state = READING
         # The one-chunk fast path for this pair of socket kinds (see _fast_plain_plain).
@@ -218,75 +245,91 @@ def _publish_ticket(side: Side) -> None:
 # returns False, and the general path (_run_direction, then _settle) takes over from there.
 
 
-def _recv_short(src: Side, buf: memoryview) -> int:
-    """``recv_into``; -1 when nothing was there. Sets ``drained`` after a short read."""
-    try:
-        n = src.sock.recv_into(buf)
-    except BlockingIOError:
-        src.drained = True
-        return -1
-    src.drained = 0 < n < len(buf)
-    return n
-
-
-def _send_some(dst: Side, data: memoryview | bytes) -> bool:
-    """Send; keep what did not go as ``dst.pending``; True when all went."""
-    try:
-        sent = dst.sock.send(data)
-    except BlockingIOError:
-        sent = 0
-    if sent == len(data):
-        return True
-    dst.pending = memoryview(data)[sent:]
-    return False
-
-
 def _fast_plain_plain(d: Direction) -> bool:
     src, dst, view = d.src, d.dst, d.view
     if dst.pending is not None:
         return False
-    n = _recv_short(src, view)
-    if n <= 0:
-        return n < 0  # EAGAIN: nothing to do; EOF: the general path reads it again
+    try:
+        n = src.recv_into(view)
+    except BlockingIOError:
+        src.drained = True
+        return True  # nothing to do
+    if not n:
+        src.drained = False  # EOF: the general path reads it again
+        return False
+    src.drained = n < d.size
     d.count += n
-    return _send_some(dst, view[:n]) and src.drained
+    data = view[:n]
+    try:
+        sent = dst.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent != n:
+        dst.pending = data[sent:]
+        return False
+    return src.drained
 
 
 def _fast_plain_tls(d: Direction) -> bool:
     src, dst, view = d.src, d.dst, d.view
-    out = dst.outgoing
-    if dst.pending is not None or out.pending:
+    if dst.pending is not None or dst.outgoing.pending:
         return False
-    n = _recv_short(src, view)
-    if n <= 0:
-        return n < 0
+    try:
+        n = src.recv_into(view)
+    except BlockingIOError:
+        src.drained = True
+        return True
+    if not n:
+        src.drained = False  # EOF: the general path reads it again
+        return False
+    src.drained = n < d.size
     d.count += n
     try:
-        dst.ssl.write(view[:n])
+        dst.tls_write(view[:n])
     except ssl.SSLWantReadError:
         raise ssl.SSLError("TLS renegotiation is not supported by the pump engine") from None
-    return _send_some(dst, cast(ssl.MemoryBIO, out).read()) and src.drained
+    data = dst.bio_read()
+    try:
+        sent = dst.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent != len(data):
+        dst.pending = memoryview(data)[sent:]
+        return False
+    return src.drained
 
 
 def _fast_tls_plain(d: Direction) -> bool:
-    src, dst, view = d.src, d.dst, d.view
-    obj, incoming = src.ssl, cast(ssl.MemoryBIO, src.incoming)
+    src = d.src
+    incoming = cast(ssl.MemoryBIO, src.incoming)
     if (
-        dst.pending is not None
+        d.dst.pending is not None
         or src.stash
         or src.stash_end is not None
         or incoming.pending  # left over: the general path decrypts it first
-        or obj.pending()
+        or src.tls_pending()
     ):
         return False
     rbuf = cast(memoryview, src.rbuf)
-    m = _recv_short(src, rbuf)
-    if m <= 0:
-        return m < 0
-    incoming.write(rbuf[:m])
-    while incoming.pending or obj.pending():
+    try:
+        m = src.recv_into(rbuf)
+    except BlockingIOError:
+        src.drained = True
+        return True
+    if not m:
+        src.drained = False
+        return False
+    src.drained = m < len(rbuf)
+    src.bio_write(rbuf[:m])
+    return _pass_records(d, src, incoming) and src.drained
+
+
+def _pass_records(d: Direction, src: Side, incoming: ssl.MemoryBIO) -> bool:
+    """Decrypt the complete records just received and send them on; True when all went."""
+    dst, read, pending, view, size = d.dst, src.tls_read, src.tls_pending, d.view, d.size
+    while True:  # at least one record's bytes just arrived
         try:
-            n = obj.read(len(view), view)
+            n = read(size, view)
         except ssl.SSLWantReadError:
             break  # the rest of a record is still on its way
         except ssl.SSLZeroReturnError:
@@ -299,12 +342,20 @@ def _fast_tls_plain(d: Direction) -> bool:
         if src.watch_ticket:  # before the bytes go on: whoever sees them sees the ticket
             _publish_ticket(src)
         d.count += n
-        if not _send_some(dst, view[:n]):
+        data = view[:n]
+        try:
+            sent = dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent != n:
+            dst.pending = data[sent:]
             return False
+        if not (incoming.pending or pending()):
+            break
     if src.outgoing.pending:
         flush(src)  # post-handshake replies (e.g. a TLS 1.3 KeyUpdate)
         return False
-    return src.drained
+    return True
 
 
 FAST_PATHS: dict[tuple[bool, bool], Callable[[Direction], bool] | None] = {
