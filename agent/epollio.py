@@ -43,8 +43,6 @@ class Side:
     """One socket of a pumped connection, as the engine thread sees it."""
 
     __slots__ = (
-        "bio_read",
-        "bio_write",
         "drained",
         "dst_of",
         "eof_sent",
@@ -56,16 +54,11 @@ class Side:
         "outgoing",
         "pending",
         "rbuf",
-        "recv_into",
-        "send",
         "sock",
         "src_of",
         "ssl",
         "stash",
         "stash_end",
-        "tls_pending",
-        "tls_read",
-        "tls_write",
         "watch_ticket",
     )  # fmt: skip
 
@@ -73,18 +66,12 @@ class Side:
         self.sock = sock
         self.fd = sock.fileno()
         self.job = job
-        # Bound methods the fast paths call, looked up once per connection, not per chunk.
-        self.recv_into = sock.recv_into
-        self.send = sock.send
         self.obj: ssl.SSLObject | None = None
-        self.ssl: Any = None  # see adopt_tls
+        # The C object behind ``obj`` (``ssl.SSLObject._sslobj``): the fast paths call its
+        # read/write/pending directly, one Python frame less each (CPython 3.11 stdlib).
+        self.ssl: Any = None
         self.incoming: ssl.MemoryBIO | None = None
         self.outgoing: ssl.MemoryBIO | NoBIO = NO_BIO
-        self.tls_read: Any = None  # set by adopt_tls
-        self.tls_write: Any = None
-        self.tls_pending: Any = None
-        self.bio_write: Any = None
-        self.bio_read: Any = None
         self.rbuf: memoryview | None = None
         self.stash = bytearray()
         self.stash_end: BaseException | None = None
@@ -97,19 +84,6 @@ class Side:
         self.mask = 0  # what the engine's epoll has registered for this fd (0: not registered)
         self.src_of: Direction  # set by Job
         self.dst_of: Direction
-
-    def adopt_tls(
-        self, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
-    ) -> None:
-        """Make this a TLS side: ``obj``, its BIOs, and the bound methods the fast paths call."""
-        self.obj, self.incoming, self.outgoing = obj, incoming, outgoing
-        # The C object behind ``obj`` (``ssl.SSLObject._sslobj``): one Python frame less per
-        # call than the SSLObject wrappers (CPython 3.11 stdlib).
-        self.ssl = getattr(obj, "_sslobj", obj)
-        self.tls_read, self.tls_write, self.tls_pending = (
-            self.ssl.read, self.ssl.write, self.ssl.pending,
-        )  # fmt: skip
-        self.bio_write, self.bio_read = incoming.write, outgoing.read
 
     def has_output(self) -> bool:
         return self.pending is not None or self.outgoing.pending > 0
@@ -126,7 +100,7 @@ class Side:
 class Direction:
     """Bytes from ``src`` to ``dst`` through one fixed buffer."""
 
-    __slots__ = ("count", "dst", "fast", "size", "src", "state", "view")
+    __slots__ = ("count", "dst", "fast", "src", "state", "view")
 
     def __init__(self, src: Side, dst: Side, buffer_size: int) -> None:
         self.src = src
@@ -134,7 +108,6 @@ class Direction:
         self.view = memoryview(
             buffers.take() if buffer_size == buffers.SIZE else bytearray(buffer_size)
         )
-        self.size = len(self.view)
         self.count = 0
         self.state = READING
         # The one-chunk fast path for this pair of socket kinds (see _fast_plain_plain).
@@ -245,91 +218,75 @@ def _publish_ticket(side: Side) -> None:
 # returns False, and the general path (_run_direction, then _settle) takes over from there.
 
 
+def _recv_short(src: Side, buf: memoryview) -> int:
+    """``recv_into``; -1 when nothing was there. Sets ``drained`` after a short read."""
+    try:
+        n = src.sock.recv_into(buf)
+    except BlockingIOError:
+        src.drained = True
+        return -1
+    src.drained = 0 < n < len(buf)
+    return n
+
+
+def _send_some(dst: Side, data: memoryview | bytes) -> bool:
+    """Send; keep what did not go as ``dst.pending``; True when all went."""
+    try:
+        sent = dst.sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return True
+    dst.pending = memoryview(data)[sent:]
+    return False
+
+
 def _fast_plain_plain(d: Direction) -> bool:
     src, dst, view = d.src, d.dst, d.view
     if dst.pending is not None:
         return False
-    try:
-        n = src.recv_into(view)
-    except BlockingIOError:
-        src.drained = True
-        return True  # nothing to do
-    if not n:
-        src.drained = False  # EOF: the general path reads it again
-        return False
-    src.drained = n < d.size
+    n = _recv_short(src, view)
+    if n <= 0:
+        return n < 0  # EAGAIN: nothing to do; EOF: the general path reads it again
     d.count += n
-    data = view[:n]
-    try:
-        sent = dst.send(data)
-    except BlockingIOError:
-        sent = 0
-    if sent != n:
-        dst.pending = data[sent:]
-        return False
-    return src.drained
+    return _send_some(dst, view[:n]) and src.drained
 
 
 def _fast_plain_tls(d: Direction) -> bool:
     src, dst, view = d.src, d.dst, d.view
-    if dst.pending is not None or dst.outgoing.pending:
+    out = dst.outgoing
+    if dst.pending is not None or out.pending:
         return False
-    try:
-        n = src.recv_into(view)
-    except BlockingIOError:
-        src.drained = True
-        return True
-    if not n:
-        src.drained = False  # EOF: the general path reads it again
-        return False
-    src.drained = n < d.size
+    n = _recv_short(src, view)
+    if n <= 0:
+        return n < 0
     d.count += n
     try:
-        dst.tls_write(view[:n])
+        dst.ssl.write(view[:n])
     except ssl.SSLWantReadError:
         raise ssl.SSLError("TLS renegotiation is not supported by the pump engine") from None
-    data = dst.bio_read()
-    try:
-        sent = dst.send(data)
-    except BlockingIOError:
-        sent = 0
-    if sent != len(data):
-        dst.pending = memoryview(data)[sent:]
-        return False
-    return src.drained
+    return _send_some(dst, cast(ssl.MemoryBIO, out).read()) and src.drained
 
 
 def _fast_tls_plain(d: Direction) -> bool:
-    src = d.src
-    incoming = cast(ssl.MemoryBIO, src.incoming)
+    src, dst, view = d.src, d.dst, d.view
+    obj, incoming = src.ssl, cast(ssl.MemoryBIO, src.incoming)
     if (
-        d.dst.pending is not None
+        dst.pending is not None
         or src.stash
         or src.stash_end is not None
         or incoming.pending  # left over: the general path decrypts it first
-        or src.tls_pending()
+        or obj.pending()
     ):
         return False
     rbuf = cast(memoryview, src.rbuf)
-    try:
-        m = src.recv_into(rbuf)
-    except BlockingIOError:
-        src.drained = True
-        return True
-    if not m:
-        src.drained = False
-        return False
-    src.drained = m < len(rbuf)
-    src.bio_write(rbuf[:m])
-    return _pass_records(d, src, incoming) and src.drained
-
-
-def _pass_records(d: Direction, src: Side, incoming: ssl.MemoryBIO) -> bool:
-    """Decrypt the complete records just received and send them on; True when all went."""
-    dst, read, pending, view, size = d.dst, src.tls_read, src.tls_pending, d.view, d.size
-    while True:  # at least one record's bytes just arrived
+    m = _recv_short(src, rbuf)
+    if m <= 0:
+        return m < 0
+    incoming.write(rbuf[:m])
+    while incoming.pending or obj.pending():
         try:
-            n = read(size, view)
+            n = obj.read(len(view), view)
         except ssl.SSLWantReadError:
             break  # the rest of a record is still on its way
         except ssl.SSLZeroReturnError:
@@ -342,20 +299,12 @@ def _pass_records(d: Direction, src: Side, incoming: ssl.MemoryBIO) -> bool:
         if src.watch_ticket:  # before the bytes go on: whoever sees them sees the ticket
             _publish_ticket(src)
         d.count += n
-        data = view[:n]
-        try:
-            sent = dst.send(data)
-        except BlockingIOError:
-            sent = 0
-        if sent != n:
-            dst.pending = data[sent:]
+        if not _send_some(dst, view[:n]):
             return False
-        if not (incoming.pending or pending()):
-            break
     if src.outgoing.pending:
         flush(src)  # post-handshake replies (e.g. a TLS 1.3 KeyUpdate)
         return False
-    return True
+    return src.drained
 
 
 FAST_PATHS: dict[tuple[bool, bool], Callable[[Direction], bool] | None] = {

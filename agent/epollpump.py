@@ -142,7 +142,8 @@ def _side_from(conn: Connection, job: Job) -> Side:
     if isinstance(conn, TLSConnection):
         state = conn.hand_over()
         side = Side(state.sock, job)
-        side.adopt_tls(state.obj, state.incoming, state.outgoing)
+        side.obj, side.incoming, side.outgoing = state.obj, state.incoming, state.outgoing
+        side.ssl = getattr(state.obj, "_sslobj", state.obj)
         side.stash, side.stash_end, side.eof_sent = state.stash, state.stash_end, state.eof_sent
         side.rbuf = state.rbuf
         if not state.obj.server_side:
@@ -168,7 +169,7 @@ class PumpEngine:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, _IN)
         self._inbox: collections.deque[tuple[str, Job]] = collections.deque()
-        self._sides: dict[int, Side] = {}  # unfinished jobs' sides only (_finish removes them)
+        self._sides: dict[int, Side] = {}
         self._jobs: set[Job] = set()
         self._timers: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
@@ -271,27 +272,15 @@ class PumpEngine:
     # ------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
-        poll, wake_fd, timers, monotonic = (
-            self._epoll.poll,
-            self._wake_fd,
-            self._timers,
-            time.monotonic,
-        )
+        poll, wake_fd = self._epoll.poll, self._wake_fd
         try:
             while not self._stopping:
-                # One clock read per pass: the idle checks are due, or how long poll may wait.
-                timeout = -1.0
-                if timers:
-                    timeout = timers[0][0] - monotonic()
-                    if timeout <= 0.0:
-                        self._check_idle()
-                        continue
-                if self._ready:
-                    timeout = 0.0
-                if self._dispatch(poll(timeout, _MAX_EVENTS), wake_fd):
+                if self._dispatch(poll(self._poll_timeout(), _MAX_EVENTS), wake_fd):
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(wake_fd)
                     self._take_inbox()
+                if self._timers and self._timers[0][0] <= time.monotonic():
+                    self._check_idle()
         except BaseException as exc:  # the loop itself failed: release everyone below
             self._crashed = exc
             raise
@@ -314,7 +303,7 @@ class PumpEngine:
         sides, woken = self._sides, False
         for fd, ev in events:
             side = sides.get(fd)
-            if side is None:  # the wakeup fd, or a connection finished earlier in this batch
+            if side is None or side.job.finished:
                 woken = woken or fd == wake_fd
             elif ev == _IN:  # the common case: bytes to pass on
                 d = side.src_of
@@ -338,6 +327,13 @@ class PumpEngine:
                 if not d.src.job.finished:
                     self._step(d)
         return woken
+
+    def _poll_timeout(self) -> float:
+        if self._ready:
+            return 0
+        if not self._timers:
+            return -1
+        return max(0.0, self._timers[0][0] - time.monotonic())
 
     def _take_inbox(self) -> None:
         inbox = self._inbox
