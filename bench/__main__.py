@@ -182,7 +182,7 @@ def _render(cells, systems, workloads, skipped, info, args, use_wrk, elapsed) ->
         "",
         "### Targets (issue 6, done-when)",
         "",
-        report.targets_table(report.targets(figs, k), report.CANDIDATE),
+        report.targets_table(report.targets(figs, k, report.CANDIDATE, cells), report.CANDIDATE),
         "",
         *((note, "") if (note := report.noise_note(figs, k)) else ()),
         *(
@@ -191,7 +191,9 @@ def _render(cells, systems, workloads, skipped, info, args, use_wrk, elapsed) ->
                 " accepting from one shared listening socket (about twice the memory); CPU is"
                 " summed over all four processes:",
                 "",
-                report.targets_table(report.targets(figs, k, report.WORKERS), report.WORKERS),
+                report.targets_table(
+                    report.targets(figs, k, report.WORKERS, cells), report.WORKERS
+                ),
                 "",
             )
             if report.WORKERS in systems
@@ -199,7 +201,7 @@ def _render(cells, systems, workloads, skipped, info, args, use_wrk, elapsed) ->
         ),
         "Reference only (the naive trio.SSLStream pair the issue started from):",
         "",
-        report.targets_table(report.targets(figs, k, "meshd-naive"), "meshd-naive"),
+        report.targets_table(report.targets(figs, k, "meshd-naive", cells), "meshd-naive"),
         "",
         "### Every cell",
         "",
