@@ -4,6 +4,11 @@ Same topology and helpers as tests/test_pump.py, with both proxies' pumps run by
 :class:`agent.epollpump.PumpEngine` thread:
 
     app ──tcp──▶ [outbound: plain ⇄ TLS] ══mTLS══▶ [inbound: TLS ⇄ plain] ──tcp──▶ upstream
+
+The behaviour both pumps share (round trips, bulk, half-close, resets, 200 connections,
+IPv6) is tested for both in tests/test_pump.py (``any_pump``); here is what is the
+engine's own: backpressure through epoll, hand-over of buffered records, its real-clock
+idle timeout, cancellation from trio, stress, shutdown, TLS tickets and buffer reuse.
 """
 
 from __future__ import annotations
@@ -26,16 +31,18 @@ from agent.epollpump import PumpEngine, open_pump_engine
 from agent.pump import Connection, PlainConnection, PumpResult
 from agent.tlsconn import TLSConnection, handshake
 from tests.test_pump import (
+    BOTH_TLS_VERSIONS,
     TIMEOUT,
-    MeshPath,
     Pki,
     _contexts,
     echo_until_eof,
     listener,
     open_fds,
+    open_mesh_path,
     pki,
     receive_all,
     reset,
+    running_engine,
     stream,
     tcp_pair,
     tls_pair,
@@ -47,81 +54,8 @@ __all__ = ["listener", "pki"]  # fixtures, re-used
 @pytest.fixture
 def engine() -> Iterator[PumpEngine]:
     """A running engine; on teardown it must stop promptly and hold no connection."""
-    eng = PumpEngine()
-    eng.start()
-    yield eng
-    assert len(eng) == 0, "connections left in the engine after the test"
-    eng.request_stop()
-    deadline = time.monotonic() + 5
-    while eng.thread_alive() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert not eng.thread_alive(), "engine thread did not stop"
-    eng.close()
-
-
-@asynccontextmanager
-async def open_mesh_path(
-    engine: PumpEngine, listener: socket.socket, pki: Pki, *, idle_timeout: float = TIMEOUT
-) -> AsyncIterator[MeshPath]:
-    """Both proxies pumped by ``engine``; on exit, waits for both pumps."""
-    app, outbound_in = tcp_pair(listener)
-    tls_out, tls_in = await tls_pair(listener, pki)
-    inbound_out, upstream = tcp_pair(listener)
-    path = MeshPath(stream(app), stream(upstream))
-
-    async def run(name: str, a: Connection, b: Connection) -> None:
-        path.results[name] = await engine.pump(a, b, idle_timeout=idle_timeout)
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, "outbound", PlainConnection(outbound_in), tls_out)
-            nursery.start_soon(run, "inbound", tls_in, PlainConnection(inbound_out))
-            yield path
-    finally:
-        await path.app.aclose()
-        await path.upstream.aclose()
-
-
-async def test_round_trips_then_clean_close(
-    engine: PumpEngine, listener: socket.socket, pki: Pki
-) -> None:
-    with trio.fail_after(TIMEOUT):
-        async with open_mesh_path(engine, listener, pki) as path, trio.open_nursery() as nursery:
-            nursery.start_soon(echo_until_eof, path.upstream)
-            for i in range(50):
-                msg = b"request %d " % i * 10
-                await path.app.send_all(msg)
-                got = b""
-                while len(got) < len(msg):
-                    got += await path.app.receive_some(65536)
-                assert got == msg
-            await path.app.send_eof()
-            assert await path.app.receive_some(1) == b""
-    sent = sum(len(b"request %d " % i * 10) for i in range(50))
-    for result in path.results.values():
-        assert result.outcome == "closed", result
-        assert (result.bytes_a_to_b, result.bytes_b_to_a) == (sent, sent)
-        assert result.duration > 0
-
-
-async def test_8mib_both_ways_at_once_intact(
-    engine: PumpEngine, listener: socket.socket, pki: Pki
-) -> None:
-    payload = os.urandom(8 << 20)
-
-    async def send_then_eof(s: trio.SocketStream) -> None:
-        for i in range(0, len(payload), 100_000):  # odd size: chunks straddle TLS records
-            await s.send_all(payload[i : i + 100_000])
-        await s.send_eof()
-
-    with trio.fail_after(TIMEOUT):
-        async with open_mesh_path(engine, listener, pki) as path, trio.open_nursery() as nursery:
-            nursery.start_soon(echo_until_eof, path.upstream)
-            nursery.start_soon(send_then_eof, path.app)
-            echoed = await receive_all(path.app)
-    assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
-    assert path.results["inbound"].bytes_b_to_a == len(payload)
-    assert {r.outcome for r in path.results.values()} == {"closed"}
+    with running_engine() as eng:
+        yield eng
 
 
 async def test_slow_reader_backpressure_then_everything_arrives(
@@ -138,7 +72,10 @@ async def test_slow_reader_backpressure_then_everything_arrives(
         await s.send_eof()
 
     with trio.fail_after(TIMEOUT):
-        async with open_mesh_path(engine, listener, pki) as path, trio.open_nursery() as nursery:
+        async with (
+            open_mesh_path(listener, pki, pump_fn=engine.pump) as path,
+            trio.open_nursery() as nursery,
+        ):
             nursery.start_soon(send_then_eof, path.app)
             await trio.sleep(0.5)
             # Kernel buffers plus one bounded buffer per hop: far less than the payload.
@@ -150,47 +87,7 @@ async def test_slow_reader_backpressure_then_everything_arrives(
     assert {r.outcome for r in path.results.values()} == {"closed"}
 
 
-@pytest.mark.parametrize(
-    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
-)
-async def test_client_half_close_still_gets_response(
-    engine: PumpEngine, listener: socket.socket, version: ssl.TLSVersion
-) -> None:
-    pki = _contexts(trustme.CA(), max_version=version)
-    with trio.fail_after(TIMEOUT):
-        async with open_mesh_path(engine, listener, pki) as path:
-            await path.app.send_all(b"whole request")
-            await path.app.send_eof()  # FIN → close_notify → FIN
-            assert await receive_all(path.upstream) == b"whole request"
-            await trio.sleep(0.05)
-            await path.upstream.send_all(b"response " * 10_000)
-            await path.upstream.send_eof()
-            assert await receive_all(path.app) == b"response " * 10_000
-    assert {r.outcome for r in path.results.values()} == {"closed"}
-    assert path.results["inbound"].bytes_b_to_a == len(b"response " * 10_000)
-
-
-@pytest.mark.parametrize(
-    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
-)
-async def test_server_half_close_still_gets_request(
-    engine: PumpEngine, listener: socket.socket, version: ssl.TLSVersion
-) -> None:
-    pki = _contexts(trustme.CA(), max_version=version)
-    with trio.fail_after(TIMEOUT):
-        async with open_mesh_path(engine, listener, pki) as path:
-            await path.upstream.send_all(b"banner")
-            await path.upstream.send_eof()
-            assert await receive_all(path.app) == b"banner"
-            await path.app.send_all(b"late data " * 10_000)
-            await path.app.send_eof()
-            assert await receive_all(path.upstream) == b"late data " * 10_000
-    assert {r.outcome for r in path.results.values()} == {"closed"}
-
-
-@pytest.mark.parametrize(
-    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
-)
+@BOTH_TLS_VERSIONS
 async def test_fin_racing_data_in_flight_loses_none_of_it(
     engine: PumpEngine, listener: socket.socket, version: ssl.TLSVersion
 ) -> None:
@@ -209,7 +106,7 @@ async def test_fin_racing_data_in_flight_loses_none_of_it(
     payload = b"".join(b"%08d;" % i for i in range(1_600_000))
     for _ in range(3):
         with trio.fail_after(TIMEOUT):
-            async with open_mesh_path(engine, listener, pki) as path:
+            async with open_mesh_path(listener, pki, pump_fn=engine.pump) as path:
                 async with trio.open_nursery() as nursery:
 
                     async def send() -> None:
@@ -272,7 +169,7 @@ async def test_idle_timeout_fires_and_resets_both_ends(
 ) -> None:
     idle = 0.6  # the engine runs on the real monotonic clock
     with trio.fail_after(TIMEOUT):
-        async with open_mesh_path(engine, listener, pki, idle_timeout=idle) as path:
+        async with open_mesh_path(listener, pki, idle_timeout=idle, pump_fn=engine.pump) as path:
             await trio.sleep(idle * 0.6)
             await path.app.send_all(b"activity")  # pushes the timeout out
             assert await path.upstream.receive_some(100) == b"activity"
@@ -283,28 +180,6 @@ async def test_idle_timeout_fires_and_resets_both_ends(
     assert idle * 0.9 <= fired_after <= idle * 1.25 + 0.5
     assert {r.outcome for r in path.results.values()} == {"idle_timeout"}
     assert path.results["outbound"].bytes_a_to_b == len(b"activity")
-
-
-@pytest.mark.parametrize("side", ["app", "upstream"])
-async def test_reset_is_reported_and_propagated(
-    engine: PumpEngine, listener: socket.socket, pki: Pki, side: str
-) -> None:
-    with trio.fail_after(TIMEOUT):
-        async with open_mesh_path(engine, listener, pki) as path:
-            await path.app.send_all(b"partial")
-            assert await path.upstream.receive_some(100) == b"partial"
-            await path.upstream.send_all(b"partial reply")
-            assert await path.app.receive_some(100) == b"partial reply"
-            resetter, other = (
-                (path.app, path.upstream) if side == "app" else (path.upstream, path.app)
-            )
-            reset(resetter)
-            with pytest.raises(trio.BrokenResourceError):  # RST, not a clean EOF
-                while await other.receive_some(100):
-                    pass
-    assert {r.outcome for r in path.results.values()} == {"reset"}, path.results
-    assert path.results["outbound"].bytes_a_to_b == len(b"partial")
-    assert path.results["inbound"].bytes_b_to_a == len(b"partial reply")
 
 
 async def test_cancellation_from_trio_aborts_in_the_engine(
@@ -344,29 +219,6 @@ async def test_cancellation_from_trio_aborts_in_the_engine(
     assert results["outbound"].outcome == "reset"
     await app_s.aclose()
     await up_s.aclose()
-
-
-async def test_200_concurrent_connections_and_no_fd_leak(
-    engine: PumpEngine, listener: socket.socket, pki: Pki
-) -> None:
-    before = open_fds()
-    outcomes: list[str] = []
-
-    async def one(i: int) -> None:
-        async with open_mesh_path(engine, listener, pki) as path, trio.open_nursery() as nursery:
-            nursery.start_soon(echo_until_eof, path.upstream)
-            msg = b"conn %d " % i * 50
-            await path.app.send_all(msg)
-            await path.app.send_eof()
-            assert await receive_all(path.app) == msg
-        outcomes.extend(r.outcome for r in path.results.values())
-
-    with trio.fail_after(TIMEOUT * 2):
-        async with trio.open_nursery() as nursery:
-            for i in range(200):
-                nursery.start_soon(one, i)
-    assert outcomes == ["closed"] * 400
-    assert open_fds() - before == set()
 
 
 async def test_stress_2000_short_connections_no_hang(
@@ -427,7 +279,7 @@ async def test_stress_tls_connections_no_hang(
     done: list[int] = []
 
     async def one(i: int) -> None:
-        async with limit, open_mesh_path(engine, listener, pki) as path:
+        async with limit, open_mesh_path(listener, pki, pump_fn=engine.pump) as path:
             await path.app.send_all(b"req %d" % i)
             await path.app.send_eof()
             assert await receive_all(path.upstream) == b"req %d" % i
@@ -442,37 +294,6 @@ async def test_stress_tls_connections_no_hang(
             for i in range(300):
                 nursery.start_soon(one, i)
     assert len(done) == 300
-
-
-async def test_plain_to_plain_over_ipv6(engine: PumpEngine) -> None:
-    try:
-        v6 = socket.create_server(("::1", 0), family=socket.AF_INET6)
-    except OSError:
-        pytest.skip("no IPv6 loopback here")
-    with v6:
-        app, a = tcp_pair(v6)
-        b, upstream = tcp_pair(v6)
-        app_s, up_s = stream(app), stream(upstream)
-        with trio.fail_after(TIMEOUT):
-            async with trio.open_nursery() as nursery:
-
-                async def run() -> None:
-                    result = await engine.pump(
-                        PlainConnection(a), PlainConnection(b), idle_timeout=TIMEOUT
-                    )
-                    assert (result.outcome, result.bytes_a_to_b, result.bytes_b_to_a) == (
-                        "closed", 5, 8,
-                    )  # fmt: skip
-
-                nursery.start_soon(run)
-                await app_s.send_all(b"hello")
-                await app_s.send_eof()
-                assert await receive_all(up_s) == b"hello"
-                await up_s.send_all(b"response")
-                await up_s.send_eof()
-                assert await receive_all(app_s) == b"response"
-        await app_s.aclose()
-        await up_s.aclose()
 
 
 async def test_shutdown_resets_open_connections_and_leaks_nothing(
@@ -652,7 +473,10 @@ async def test_finished_connections_return_their_buffers_zeroed_for_the_next(
     seen: list[set[int]] = []
     with trio.fail_after(TIMEOUT):
         for payload in (secret, b"two"):
-            async with open_mesh_path(engine, listener, pki) as path, trio.open_nursery() as n:
+            async with (
+                open_mesh_path(listener, pki, pump_fn=engine.pump) as path,
+                trio.open_nursery() as n,
+            ):
                 n.start_soon(echo_until_eof, path.upstream)
                 await path.app.send_all(payload)
                 await path.app.send_eof()

@@ -5,7 +5,9 @@ Topology of most tests (the data plane with both proxies, in one process):
     app ──tcp──▶ [outbound: PlainConnection ⇄ TLSConnection] ══mTLS══▶
                  [inbound: TLSConnection ⇄ PlainConnection] ──tcp──▶ upstream
 
-The app and upstream ends use trio's own SocketStream, not our code.
+The app and upstream ends use trio's own SocketStream, not our code. The tests that take
+``any_pump`` run twice: with :func:`agent.pump.pump` (trio) and with the epoll engine
+(:class:`agent.epollpump.PumpEngine`); tests/test_epollpump.py has the engine's own.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import hashlib
 import os
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -23,10 +26,14 @@ import trio
 import trio.testing
 import trustme
 
-from agent.pump import Connection, PlainConnection, PumpResult, pump
+from agent.epollpump import PumpEngine
+from agent.pump import Connection, PlainConnection, PumpFunction, PumpResult, pump
 from agent.tlsconn import TLSConnection, TLSHandshakeError, handshake
 
 TIMEOUT = 20.0
+BOTH_TLS_VERSIONS = pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
+)
 
 
 @dataclass
@@ -60,6 +67,31 @@ def listener() -> Iterator[socket.socket]:
     sock = socket.create_server(("127.0.0.1", 0), backlog=512)
     yield sock
     sock.close()
+
+
+@contextmanager
+def running_engine() -> Iterator[PumpEngine]:
+    """A running epoll engine; on exit it must hold no connection and stop promptly."""
+    eng = PumpEngine()
+    eng.start()
+    yield eng
+    assert len(eng) == 0, "connections left in the engine after the test"
+    eng.request_stop()
+    deadline = time.monotonic() + 5
+    while eng.thread_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not eng.thread_alive(), "engine thread did not stop"
+    eng.close()
+
+
+@pytest.fixture(params=["trio", "epoll"])
+def any_pump(request: pytest.FixtureRequest) -> Iterator[PumpFunction]:
+    """Each pump implementation: trio's, then the epoll engine's."""
+    if request.param == "trio":
+        yield pump
+        return
+    with running_engine() as engine:
+        yield engine.pump
 
 
 def tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
@@ -102,16 +134,21 @@ class MeshPath:
 
 @asynccontextmanager
 async def open_mesh_path(
-    listener: socket.socket, pki: Pki, *, idle_timeout: float = TIMEOUT
+    listener: socket.socket,
+    pki: Pki,
+    *,
+    idle_timeout: float = TIMEOUT,
+    pump_fn: PumpFunction = pump,
 ) -> AsyncIterator[MeshPath]:
-    """Both proxies pumping; on exit, waits for both pumps (the body must end the streams)."""
+    """Both proxies pumping with ``pump_fn``; on exit, waits for both pumps (the body must
+    end the streams)."""
     app, outbound_in = tcp_pair(listener)
     tls_out, tls_in = await tls_pair(listener, pki)
     inbound_out, upstream = tcp_pair(listener)
     path = MeshPath(stream(app), stream(upstream))
 
     async def run(name: str, a: Connection, b: Connection) -> None:
-        path.results[name] = await pump(a, b, idle_timeout=idle_timeout)
+        path.results[name] = await pump_fn(a, b, idle_timeout=idle_timeout)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -146,9 +183,14 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-async def test_round_trips_then_clean_close(listener: socket.socket, pki: Pki) -> None:
+async def test_round_trips_then_clean_close(
+    listener: socket.socket, pki: Pki, any_pump: PumpFunction
+) -> None:
     with trio.fail_after(TIMEOUT):
-        async with open_mesh_path(listener, pki) as path, trio.open_nursery() as nursery:
+        async with (
+            open_mesh_path(listener, pki, pump_fn=any_pump) as path,
+            trio.open_nursery() as nursery,
+        ):
             nursery.start_soon(echo_until_eof, path.upstream)
             for i in range(50):
                 msg = b"request %d " % i * 10
@@ -163,9 +205,12 @@ async def test_round_trips_then_clean_close(listener: socket.socket, pki: Pki) -
     for result in path.results.values():
         assert result.outcome == "closed", result
         assert (result.bytes_a_to_b, result.bytes_b_to_a) == (sent, sent)
+        assert result.duration > 0
 
 
-async def test_8mib_both_ways_at_once_intact(listener: socket.socket, pki: Pki) -> None:
+async def test_8mib_both_ways_at_once_intact(
+    listener: socket.socket, pki: Pki, any_pump: PumpFunction
+) -> None:
     payload = os.urandom(8 << 20)
 
     async def send_then_eof(s: trio.SocketStream) -> None:
@@ -174,30 +219,43 @@ async def test_8mib_both_ways_at_once_intact(listener: socket.socket, pki: Pki) 
         await s.send_eof()
 
     with trio.fail_after(TIMEOUT):
-        async with open_mesh_path(listener, pki) as path, trio.open_nursery() as nursery:
+        async with (
+            open_mesh_path(listener, pki, pump_fn=any_pump) as path,
+            trio.open_nursery() as nursery,
+        ):
             nursery.start_soon(echo_until_eof, path.upstream)
             nursery.start_soon(send_then_eof, path.app)
             echoed = await receive_all(path.app)
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
     assert path.results["inbound"].bytes_b_to_a == len(payload)
+    assert {r.outcome for r in path.results.values()} == {"closed"}
 
 
-async def test_client_half_close_still_gets_response(listener: socket.socket, pki: Pki) -> None:
+@BOTH_TLS_VERSIONS
+async def test_client_half_close_still_gets_response(
+    listener: socket.socket, version: ssl.TLSVersion, any_pump: PumpFunction
+) -> None:
+    pki = _contexts(trustme.CA(), max_version=version)
     with trio.fail_after(TIMEOUT):
-        async with open_mesh_path(listener, pki) as path:
+        async with open_mesh_path(listener, pki, pump_fn=any_pump) as path:
             await path.app.send_all(b"whole request")
-            await path.app.send_eof()
+            await path.app.send_eof()  # FIN -> close_notify -> FIN
             assert await receive_all(path.upstream) == b"whole request"
             await trio.sleep(0.05)  # let the response sit in the proxies' buffers
             await path.upstream.send_all(b"response " * 10_000)
             await path.upstream.send_eof()
             assert await receive_all(path.app) == b"response " * 10_000
     assert {r.outcome for r in path.results.values()} == {"closed"}
+    assert path.results["inbound"].bytes_b_to_a == len(b"response " * 10_000)
 
 
-async def test_server_half_close_still_gets_request(listener: socket.socket, pki: Pki) -> None:
+@BOTH_TLS_VERSIONS
+async def test_server_half_close_still_gets_request(
+    listener: socket.socket, version: ssl.TLSVersion, any_pump: PumpFunction
+) -> None:
+    pki = _contexts(trustme.CA(), max_version=version)
     with trio.fail_after(TIMEOUT):
-        async with open_mesh_path(listener, pki) as path:
+        async with open_mesh_path(listener, pki, pump_fn=any_pump) as path:
             await path.upstream.send_all(b"banner")
             await path.upstream.send_eof()
             assert await receive_all(path.app) == b"banner"
@@ -207,9 +265,7 @@ async def test_server_half_close_still_gets_request(listener: socket.socket, pki
     assert {r.outcome for r in path.results.values()} == {"closed"}
 
 
-@pytest.mark.parametrize(
-    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
-)
+@BOTH_TLS_VERSIONS
 async def test_tls_send_eof_keeps_received_records(
     listener: socket.socket, version: ssl.TLSVersion
 ) -> None:
@@ -262,10 +318,10 @@ def reset(s: trio.SocketStream) -> None:
 
 @pytest.mark.parametrize("side", ["app", "upstream"])
 async def test_reset_is_reported_and_propagated(
-    listener: socket.socket, pki: Pki, side: str
+    listener: socket.socket, pki: Pki, side: str, any_pump: PumpFunction
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        async with open_mesh_path(listener, pki) as path:
+        async with open_mesh_path(listener, pki, pump_fn=any_pump) as path:
             await path.app.send_all(b"partial")
             assert await path.upstream.receive_some(100) == b"partial"
             await path.upstream.send_all(b"partial reply")
@@ -340,12 +396,17 @@ async def test_handshake_times_out_on_a_silent_peer(
     raw_s.close()
 
 
-async def test_200_concurrent_connections_and_no_fd_leak(listener: socket.socket, pki: Pki) -> None:
+async def test_200_concurrent_connections_and_no_fd_leak(
+    listener: socket.socket, pki: Pki, any_pump: PumpFunction
+) -> None:
     before = open_fds()
     outcomes: list[str] = []
 
     async def one(i: int) -> None:
-        async with open_mesh_path(listener, pki) as path, trio.open_nursery() as nursery:
+        async with (
+            open_mesh_path(listener, pki, pump_fn=any_pump) as path,
+            trio.open_nursery() as nursery,
+        ):
             nursery.start_soon(echo_until_eof, path.upstream)
             msg = b"conn %d " % i * 50
             await path.app.send_all(msg)
@@ -353,7 +414,7 @@ async def test_200_concurrent_connections_and_no_fd_leak(listener: socket.socket
             assert await receive_all(path.app) == msg
         outcomes.extend(r.outcome for r in path.results.values())
 
-    with trio.fail_after(TIMEOUT):
+    with trio.fail_after(TIMEOUT * 2):
         async with trio.open_nursery() as nursery:
             for i in range(200):
                 nursery.start_soon(one, i)
@@ -362,17 +423,17 @@ async def test_200_concurrent_connections_and_no_fd_leak(listener: socket.socket
 
 
 async def test_failures_leak_no_fds(listener: socket.socket, pki: Pki) -> None:
-    await test_reset_is_reported_and_propagated(listener, pki, "app")  # warm up lazy fds
+    await test_reset_is_reported_and_propagated(listener, pki, "app", pump)  # lazy fds
     before = open_fds()
     for _ in range(3):
-        await test_reset_is_reported_and_propagated(listener, pki, "app")
-        await test_reset_is_reported_and_propagated(listener, pki, "upstream")
+        await test_reset_is_reported_and_propagated(listener, pki, "app", pump)
+        await test_reset_is_reported_and_propagated(listener, pki, "upstream", pump)
         await test_wrong_server_ca_fails_handshake_on_both_sides(listener, pki)
         await test_client_cert_from_wrong_ca_refused_before_bytes(listener, pki)
     assert open_fds() - before == set()
 
 
-async def test_plain_to_plain_over_ipv6(pki: Pki) -> None:
+async def test_plain_to_plain_over_ipv6(any_pump: PumpFunction) -> None:
     """The permissive-mode shape (plaintext both sides), on ::1."""
     try:
         v6 = socket.create_server(("::1", 0), family=socket.AF_INET6)
@@ -386,7 +447,7 @@ async def test_plain_to_plain_over_ipv6(pki: Pki) -> None:
             async with trio.open_nursery() as nursery:
 
                 async def run() -> None:
-                    result = await pump(
+                    result = await any_pump(
                         PlainConnection(a), PlainConnection(b), idle_timeout=TIMEOUT
                     )
                     assert (result.outcome, result.bytes_a_to_b, result.bytes_b_to_a) == (
