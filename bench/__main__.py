@@ -1,8 +1,10 @@
-"""meshd data-path benchmark: ``bench/run`` (or ``python -m bench``) — see docs/adr/005.
+"""meshd benchmark for issue 6: ``bench/run`` (or ``python -m bench``) — see docs/adr/005.
 
-Starts nginx and every system's proxy pair once, then runs repetitions; inside a repetition
-each workload is run against every system back to back, the system order rotating from one
-repetition to the next (ABAB...), so slow drift of the shared machine hits all systems alike.
+The data path: starts nginx and every system's proxy pair once, then runs repetitions;
+inside a repetition each workload is run against every system back to back, the system
+order rotating from one repetition to the next (ABAB...), so slow drift of the shared
+machine hits all systems alike. Then (unless ``--no-scale``) the scale figures of item 4,
+:mod:`bench.scale`, full or quick alike. Each writes its own section of the output file.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="print only; leave docs alone")
     p.add_argument("--json", type=Path, default=None, help="write every cell here as JSON")
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
+    p.add_argument(
+        "--no-scale",
+        action="store_true",
+        help="skip the scale figures (item 4: python -m bench.scale) after the data path",
+    )
     args = p.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)
     args.duration = args.duration or (2.0 if args.quick else 6.0)
@@ -102,7 +109,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configs and logs kept in {workdir}", file=sys.stderr)
     else:
         shutil.rmtree(workdir, ignore_errors=True)
+    if not args.no_scale:
+        _run_scale(args)
     return 0
+
+
+def _run_scale(args: argparse.Namespace) -> None:
+    """Item 4's figures (``python -m bench.scale``), so that one command measures all of
+    issue 6: full or quick like the data-path run, written to its own section."""
+    from bench import scale
+
+    argv = [*(["--quick"] if args.quick else [])]
+    if not args.no_write:
+        argv += ["--write", *([] if args.output == DOC else [f"--output={args.output}"])]
+    print(f"\nscale figures: python -m bench.scale {' '.join(argv)}".rstrip(), file=sys.stderr)
+    if scale.main(argv) != 0:
+        print("scale: a target was missed (see the table above)", file=sys.stderr)
 
 
 def _start_systems(

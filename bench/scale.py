@@ -726,6 +726,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--write", action="store_true", help="also write the 'scale' section of docs/performance.md"
     )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "docs" / "performance.md",
+        help="the markdown file --write updates",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     rows = run_scale(
@@ -742,8 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         from bench.report import replace_section
 
-        doc = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
-        replace_section(doc, "scale", markdown(rows, command))
+        replace_section(args.output, "scale", markdown(rows, command))
     return 0 if all(r["passed"] is not False for r in rows) else 1
 
 
