@@ -12,6 +12,8 @@ import sys
 import time
 from typing import IO, Any
 
+from meshd.logevents import event_of
+
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
@@ -52,7 +54,11 @@ class JsonLog:
 
 
 class JsonLogHandler(logging.Handler):
-    """Routes the stdlib ``logging`` records of the agent's parts into the JSON log."""
+    """Routes the stdlib ``logging`` records of the agent's parts into the JSON log.
+
+    A record made by :func:`meshd.logevents.log_event` becomes its event with its fields;
+    they cannot set ``ts``, ``level`` or ``logger``. Any other record's message is the event.
+    """
 
     def __init__(self, log: JsonLog) -> None:
         super().__init__()
@@ -60,10 +66,15 @@ class JsonLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         level = record.levelname.lower()
-        fields: dict[str, Any] = {"logger": record.name}
+        event, fields = event_of(record) or (record.getMessage(), {})
+        fields = {k: v for k, v in fields.items() if k not in _RESERVED}
+        fields["logger"] = record.name
         if record.exc_info and record.exc_info[1] is not None:
             fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
-        self._log.event(record.getMessage(), level=level if level in _LEVELS else "error", **fields)
+        self._log.event(event, level=level if level in _LEVELS else "error", **fields)
+
+
+_RESERVED = frozenset({"ts", "level", "event", "logger"})
 
 
 def install_json_logging(log: JsonLog, level: str) -> None:

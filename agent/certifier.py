@@ -20,7 +20,6 @@ Design note:
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import random
 import time
@@ -40,6 +39,7 @@ from meshd.bootstrap import BootstrapToken, parse_token
 from meshd.errors import MeshdError
 from meshd.identity import SpiffeId
 from meshd.keyfile import read_secret, write_public, write_secret
+from meshd.logevents import log_event
 from meshd.peer import PeerRejected, verify_peer
 from meshd.renewal import Phase, backoff, next_check, phase, renew_at
 from meshd.signapi import SignRequest, SignResponse
@@ -240,9 +240,7 @@ class Certifier:
         except MeshdError as exc:
             state.failures += 1
             state.last_error = str(exc)[:300]
-            log.warning(
-                json.dumps({"event": "cert_failed", "service": service, "reason": state.last_error})
-            )
+            log_event(log, logging.WARNING, "cert_failed", service=service, reason=state.last_error)
             return False
         state.issued += 1
         self._install(service, cert, received=self._clock())
@@ -273,8 +271,8 @@ class Certifier:
         self._check_answer(answer.chain_pem, key, bundle, service)
         write_public(chain_path, answer.chain_pem)
         via = "renewal" if client_cert else "token"
-        event = {"event": "cert_issued", "service": service, "serial": f"{cert.serial:x}"}
-        log.info(json.dumps({**event, "not_after": cert.not_after, "via": via}))
+        log_event(log, logging.INFO, "cert_issued", service=service, serial=f"{cert.serial:x}",
+                  not_after=cert.not_after, via=via)  # fmt: skip
         return cert
 
     def _key(self, key_path: Path) -> ec.EllipticCurvePrivateKey:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from meshd import cadir, pki
 from meshd.errors import MeshdError
 from meshd.identity import SpiffeId
+from meshd.logevents import log_event
 from meshd.trustbundle import TrustBundle
 
 log = logging.getLogger("meshd.server.ca")
@@ -134,7 +134,7 @@ class SigningAuthority:
             raise CaLoadError("the new signing CA does not chain to a root in the trust bundle")
         self._use(ca)
         subject = ca.cert.subject.rfc4514_string()
-        log.info(json.dumps({"event": "signing_ca_loaded", "subject": subject}))
+        log_event(log, logging.INFO, "signing_ca_loaded", subject=subject)
         return True
 
     @property

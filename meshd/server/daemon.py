@@ -9,7 +9,6 @@ signs its own ``meshd`` certificate, and serves until cancelled.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ import trio
 from meshd.consul.client import ConsulClient
 from meshd.consul.errors import ConsulError
 from meshd.errors import MeshdError
+from meshd.logevents import log_event
 from meshd.server.api import SigningApi, SigningApiStatistics
 from meshd.server.ca import AuthorityStatistics, CaLoadError, SigningAuthority
 from meshd.server.duties import publish_leaf_ttl, serve_leader_duties
@@ -225,7 +225,7 @@ async def serve_meshd(
                 name=options.name, advertise_address=options.advertise_address, port=port
             )
             await nursery.start(serve_registration, consul, registration)
-        log.info(json.dumps({"event": "started", "port": port, "datacenter": datacenter}))
+        log_event(log, logging.INFO, "started", port=port, datacenter=datacenter)
         task_status.started(MeshdServer(port, api, tls, leadership, watch, authority, https))
 
 
@@ -259,4 +259,4 @@ async def _serve_ca_reload(
         try:
             authority.reload_from_dir(directory, watch.current())
         except CaLoadError as exc:
-            log.warning(json.dumps({"event": "signing_ca_not_loaded", "reason": str(exc)}))
+            log_event(log, logging.WARNING, "signing_ca_not_loaded", reason=str(exc))

@@ -20,6 +20,7 @@ import trio
 from meshd import rotation
 from meshd.consul.client import ConsulClient
 from meshd.consul.errors import ConsulError
+from meshd.logevents import log_event
 from meshd.trustbundle import RootState, TrustBundle, TrustBundleError
 
 log = logging.getLogger("meshd.server.duties")
@@ -57,7 +58,7 @@ async def retire_once(
         return False
     if not await consul.kv_put(key, updated.to_json(), cas=entry.modify_index):
         return False  # changed meanwhile (an operator's rotate): look again next time
-    log.info(json.dumps({"event": "root_retired", "bundle": key, "index": index}))
+    log_event(log, logging.INFO, "root_retired", bundle=key, index=index)
     return True
 
 
@@ -89,5 +90,5 @@ async def serve_leader_duties(
         try:
             await retire_once(consul, bundle_key, wall_clock=wall_clock)
         except (ConsulError, TrustBundleError, rotation.RotationError) as exc:
-            log.warning(json.dumps({"event": "duty_failed", "reason": str(exc)[:300]}))
+            log_event(log, logging.WARNING, "duty_failed", reason=str(exc)[:300])
         await trio.sleep(every_s)

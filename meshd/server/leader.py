@@ -11,7 +11,6 @@ lock-delay keeps a new leader from starting duties while the old one may still r
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import trio
 
 from meshd.consul.client import ConsulClient
 from meshd.consul.errors import ConsulError
+from meshd.logevents import log_event
 from meshd.renewal import backoff
 
 log = logging.getLogger("meshd.server.leader")
@@ -82,7 +82,7 @@ class Leadership:
                 # propagates and stops the server loudly.
                 self._errors += 1
                 reason = str(group.exceptions[0])[:200]
-                log.warning(json.dumps({"event": "leader", "state": "lost", "reason": reason}))
+                log_event(log, logging.WARNING, "leader", state="lost", reason=reason)
             self._set(False)
             attempt = 0 if self._won != won_before else min(attempt + 1, 10)
             await trio.sleep(backoff(attempt, base=0.5, cap=30.0, jitter_fraction=0.5))
@@ -113,7 +113,7 @@ class Leadership:
             if await self._consul.kv_put(self._key, self._name.encode(), acquire=session):
                 self._won += 1
                 self._set(True)
-                log.info(json.dumps({"event": "leader", "state": "elected", "name": self._name}))
+                log_event(log, logging.INFO, "leader", state="elected", name=self._name)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(duties)
                     await self._wait_key(lambda s: s != session)
