@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Gauge
 
 from agent.signclient import Endpoint, SignError, request_certificate
+from agent.tlscontexts import CertifiedKey
 from meshd import pki
 from meshd.bootstrap import BootstrapToken, parse_token
 from meshd.errors import MeshdError
@@ -51,18 +52,6 @@ Endpoints = Callable[[], Awaitable[Sequence[Endpoint]]]
 
 class CertifierError(MeshdError):
     """A local key or token file is unusable."""
-
-
-@dataclass(frozen=True)
-class CertifiedKey:
-    """A service's current certificate: the chain (PEM) and the path of its 0600 key."""
-
-    service: str
-    chain_pem: bytes = field(repr=False)
-    key_path: Path
-    not_before: float
-    not_after: float
-    serial: int
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ open connections keep the context they were made with.
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -19,23 +20,25 @@ from meshd.trustbundle import TrustBundle
 Role = Literal["client", "server"]
 
 
-class CurrentCertificate(Protocol):
-    """A local service's certificate as the certifier hands it out."""
+@dataclass(frozen=True)
+class CertifiedKey:
+    """A service's current certificate: the chain (PEM) and the path of its 0600 key.
 
-    @property
-    def chain_pem(self) -> bytes: ...
-    @property
-    def key_path(self) -> Path: ...
-    @property
-    def not_after(self) -> float: ...
-    @property
-    def serial(self) -> int: ...
+    Made by the agent's certifier; a data-path worker gets the same over its link.
+    """
+
+    service: str
+    chain_pem: bytes = field(repr=False)
+    key_path: Path
+    not_before: float
+    not_after: float
+    serial: int
 
 
 class CredentialSource(Protocol):
     """Where the proxies get certificates from (the agent's certifier)."""
 
-    def current(self, service: str) -> CurrentCertificate | None:
+    def current(self, service: str) -> CertifiedKey | None:
         """The service's valid certificate, or None (not issued yet, or expired)."""
 
 

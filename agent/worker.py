@@ -49,7 +49,7 @@ from agent.metrics import AgentMetrics
 from agent.outbound import handle_outbound
 from agent.proxycore import ProxyDeps, proxy_deps
 from agent.pump import PumpFunction
-from agent.tlscontexts import CurrentCertificate, TLSContexts
+from agent.tlscontexts import CertifiedKey, TLSContexts
 from agent.workerlink import (
     KIND_JSON,
     KIND_SNAPSHOT,
@@ -277,7 +277,7 @@ class CertificateFeed(Protocol):
     def changed(self) -> trio.Event:
         """Set (and replaced) whenever a certificate changes."""
 
-    def current(self, service: str) -> CurrentCertificate | None:
+    def current(self, service: str) -> CertifiedKey | None:
         """The service's valid certificate, or None."""
 
 

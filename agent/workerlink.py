@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from agent.tlscontexts import CurrentCertificate
+from agent.tlscontexts import CertifiedKey
 from meshd.errors import MeshdError
 
 MAX_FRAME = 16 * 1024 * 1024
@@ -140,19 +139,8 @@ def field_of(message: Mapping[str, Any], key: str, kind: type | tuple[type, ...]
 # ---------------------------------------------------------------- certificates
 
 
-@dataclass(frozen=True)
-class LinkedCertificate:
-    """A local service's certificate as a worker holds it (what TLSContexts reads)."""
-
-    service: str
-    chain_pem: bytes = field(repr=False)
-    key_path: Path
-    not_after: float
-    serial: int
-
-
 def certs_message(
-    services: Iterable[str], current: Callable[[str], CurrentCertificate | None]
+    services: Iterable[str], current: Callable[[str], CertifiedKey | None]
 ) -> dict[str, Any]:
     """The ``certs`` message: every local service that has a valid certificate now."""
     certs = {}
@@ -162,13 +150,14 @@ def certs_message(
             certs[service] = {
                 "chain_pem": cert.chain_pem.decode("ascii"),
                 "key_path": str(cert.key_path),
+                "not_before": cert.not_before,
                 "not_after": cert.not_after,
                 "serial": cert.serial,
             }
     return {"type": "certs", "certs": certs}
 
 
-def parse_certs(message: Mapping[str, Any]) -> dict[str, LinkedCertificate]:
+def parse_certs(message: Mapping[str, Any]) -> dict[str, CertifiedKey]:
     """The certificates of a ``certs`` message."""
     raw = field_of(message, "certs", dict)
     found = {}
@@ -179,10 +168,11 @@ def parse_certs(message: Mapping[str, Any]) -> dict[str, LinkedCertificate]:
             chain = field_of(entry, "chain_pem", str).encode("ascii")
         except UnicodeEncodeError:
             raise WorkerLinkError(f"'certs' message: {service!r} chain is not PEM") from None
-        found[service] = LinkedCertificate(
+        found[service] = CertifiedKey(
             service=service,
             chain_pem=chain,
             key_path=Path(field_of(entry, "key_path", str)),
+            not_before=float(field_of(entry, "not_before", (int, float))),
             not_after=float(field_of(entry, "not_after", (int, float))),
             serial=int(field_of(entry, "serial", int)),
         )
@@ -194,13 +184,13 @@ class LinkedCredentials:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self._certs: dict[str, LinkedCertificate] = {}
+        self._certs: dict[str, CertifiedKey] = {}
 
-    def replace(self, certs: dict[str, LinkedCertificate]) -> None:
+    def replace(self, certs: dict[str, CertifiedKey]) -> None:
         """Use *certs* from now on (services missing from it have none)."""
         self._certs = certs
 
-    def current(self, service: str) -> LinkedCertificate | None:
+    def current(self, service: str) -> CertifiedKey | None:
         """The certificate to present for *service*, or None (none, or expired)."""
         cert = self._certs.get(service)
         if cert is None or self._clock() >= cert.not_after:

@@ -83,7 +83,7 @@ class _Files:
     """A credential source over the files written by :func:`write_pki`."""
 
     def __init__(self, certdir: Path) -> None:
-        from agent.certifier import CertifiedKey
+        from agent.tlscontexts import CertifiedKey
 
         self._certs = {
             s: CertifiedKey(

@@ -23,12 +23,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent import inbound, outbound
 from agent.accesslog import JsonLog
-from agent.certifier import CertifiedKey
 from agent.metrics import AgentMetrics
 from agent.proxycore import ProxyDeps
 from agent.pump import Connection
 from agent.tlsconn import TLSConnection, abort_socket, handshake
-from agent.tlscontexts import TLSContexts
+from agent.tlscontexts import CertifiedKey, TLSContexts
 from agent.tlssessions import SessionCache
 from meshd.dataplane import DataPlaneView, build_view
 from meshd.peer import PeerRejected, PeerVerifier, verify_peer

@@ -36,7 +36,7 @@ import pytest
 import trio
 
 from agent import redirect
-from agent.certifier import CertifiedKey
+from agent.tlscontexts import CertifiedKey
 from cli.token import list_tokens
 from meshd import cadir
 from meshd.bootstrap import parse_token

@@ -70,6 +70,7 @@ class _Cert:
     def __init__(self, serial: int, not_after: float) -> None:
         self.chain_pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
         self.key_path = Path("/var/lib/meshd/certs/web.key")
+        self.not_before = not_after - 100
         self.not_after = not_after
         self.serial = serial
 
@@ -90,17 +91,22 @@ def test_certificates_cross_as_chain_and_key_path_and_expire_on_the_worker() -> 
     assert creds.current("web") is None  # expired: no context, connections are refused
 
 
+def _entry(**fields: object) -> dict[str, object]:
+    """A valid ``certs`` entry with *fields* changed (None: left out)."""
+    entry = {"chain_pem": "x", "key_path": "k", "not_before": 0, "not_after": 1, "serial": 1}
+    entry.update(fields)
+    return {k: v for k, v in entry.items() if v is not None}
+
+
 @pytest.mark.parametrize(
     ("certs", "message"),
     [
         ({"web": 5}, "the entry for 'web' is not an object"),
-        ({"web": {"chain_pem": 1, "key_path": "k", "not_after": 1, "serial": 1}}, "chain_pem"),
-        (
-            {"web": {"chain_pem": "x", "key_path": "k", "not_after": True, "serial": 1}},
-            "not_after",
-        ),  # fmt: skip
-        ({"web": {"chain_pem": "é", "key_path": "k", "not_after": 1, "serial": 1}}, "not PEM"),
-        ({"web": {"chain_pem": "x", "key_path": "k", "not_after": 1}}, "'serial' must be int"),
+        ({"web": _entry(chain_pem=1)}, "chain_pem"),
+        ({"web": _entry(not_after=True)}, "not_after"),
+        ({"web": _entry(chain_pem="é")}, "not PEM"),
+        ({"web": _entry(serial=None)}, "'serial' must be int"),
+        ({"web": _entry(not_before=None)}, "not_before"),
     ],
 )
 def test_malformed_certs_messages_are_refused(certs: object, message: str) -> None:
