@@ -62,6 +62,7 @@ from bench.scale_consul import (
 from bench.scale_fullagent import measure_full_agent
 from bench.scale_proc import cpu_s, rss_mb
 from meshd.snapshot.reducer import DEFAULT_MAX_WATCHED
+from meshlab.devconsul import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 RSS_TARGET_MB = 80.0
@@ -229,12 +230,7 @@ class AgentProcess:
             try:
                 self.proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=STOP_GRACE_S)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=STOP_GRACE_S)
+                stop_process(self.proc, grace_s=STOP_GRACE_S)
         for stream in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(OSError, ValueError):
                 if stream is not None:

@@ -14,19 +14,16 @@ instance ``k`` (0..M-1) belongs to service ``k % N`` (:func:`service_name`), liv
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import json
 import math
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-CONSUL = "/usr/bin/consul"
-START_TIMEOUT_S = 30.0
+from meshlab.devconsul import DevConsul, free_ports
+
 STOP_TIMEOUT_S = 5.0
 INSTANCES_PER_NODE = 10
 BASE_PORT = 20000
@@ -65,40 +62,39 @@ class Probe:
 
 
 class TestConsul:
-    """A throw-away ``consul agent -dev``; :meth:`stop` ends it by PID."""
+    """A throw-away ``consul agent -dev`` (:class:`meshlab.devconsul.DevConsul`) with an
+    HTTP client for populating it; :meth:`stop` ends it by PID."""
 
     def __init__(self, workdir: Path, *, http_max_conns_per_client: int | None = None) -> None:
-        self.workdir = workdir
         self.node_name = "scale-consul"
-        self.http_port = free_port()
-        config: dict[str, object] = {
-            "node_name": self.node_name,
-            "bind_addr": "127.0.0.1",
-            "client_addr": "127.0.0.1",
-            "ports": {
-                "http": self.http_port,
+        http, server, serf_lan, serf_wan = free_ports(4)
+        extra: dict[str, object] = {}
+        if http_max_conns_per_client is not None:
+            extra["limits"] = {"http_max_conns_per_client": http_max_conns_per_client}
+        self.agent = DevConsul(
+            workdir,
+            node_name=self.node_name,
+            ports={
+                "http": http,
                 "dns": -1,
                 "grpc": -1,
-                "server": free_port(),
-                "serf_lan": free_port(),
-                "serf_wan": free_port(),
+                "server": server,
+                "serf_lan": serf_lan,
+                "serf_wan": serf_wan,
             },
-            "log_level": "warn",
-        }
-        if http_max_conns_per_client is not None:
-            config["limits"] = {"http_max_conns_per_client": http_max_conns_per_client}
-        self.config_file = workdir / "consul.json"
-        self.config_file.write_text(json.dumps(config))
-        self.log_file = workdir / "consul.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.address = f"http://127.0.0.1:{self.http_port}"
+            extra=extra,
+            log_level="warn",
+            new_session=True,
+            stop_timeout_s=STOP_TIMEOUT_S,
+        )
+        self.address = self.agent.http_address
         self._http: httpx.Client | None = None
         self.retries = 0
         self.last_attempt_at = 0.0
 
     @property
     def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
+        return self.agent.pid
 
     @property
     def http(self) -> httpx.Client:
@@ -111,46 +107,14 @@ class TestConsul:
 
     def start(self) -> None:
         """Start and wait for a leader and a healthy dev node (bounded)."""
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    CONSUL,
-                    "agent",
-                    "-dev",
-                    f"-config-file={self.config_file}",
-                    f"-data-dir={self.workdir / 'data'}",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"consul exited: {self.log_file.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                leader = self.http.get("/v1/status/leader").json()
-                checks = self.http.get(f"/v1/health/node/{self.node_name}").json()
-                if leader and any(c.get("Status") == "passing" for c in checks):
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"consul not ready in {START_TIMEOUT_S} s")
+        self.agent.start()
 
     def stop(self) -> None:
         """End the agent by PID: SIGTERM, then SIGKILL after a grace period."""
         if self._http is not None:
             self._http.close()
             self._http = None
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT_S)
+        self.agent.stop()
 
     # -- population -------------------------------------------------------------------
 

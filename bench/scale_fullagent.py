@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.scale_consul import TestConsul, free_port, service_name
 from bench.scale_proc import cpu_s, rss_mb
+from meshlab.devconsul import stop_process
 
 STOP_GRACE_S = 5.0
 
@@ -78,13 +79,7 @@ def measure_full_agent(
             result["cpu_s"] = cpu_s(proc.pid)
             result["idle_s"] = time.monotonic() - started
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=STOP_GRACE_S)
+        stop_process(proc, grace_s=STOP_GRACE_S)
     events: collections.Counter[str] = collections.Counter()
     text = out.read_text(errors="replace")
     for line in text.splitlines():

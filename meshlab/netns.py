@@ -32,6 +32,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshlab.devconsul import stop_process
+
 # meshd-<tag>-<host> (namespace), mbr<tag> (bridge), mv<tag>x<index> (veth); tag = name+pid.
 _NAME = re.compile(r"^(?:meshd-|mbr|mv)([a-z]+)(\d+)(?:-|x|$)")
 STOP_GRACE_S = 5.0
@@ -58,16 +60,7 @@ class Process:
 
     def stop(self, sig: int = signal.SIGTERM, grace_s: float = STOP_GRACE_S) -> int | None:
         """Send *sig*, wait up to *grace_s*, then SIGKILL. Returns the exit status."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, sig)
-            try:
-                self.popen.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=grace_s)
-        return self.popen.returncode
+        return stop_process(self.popen, grace_s=grace_s, sig=sig)
 
     def log(self) -> str:
         try:
