@@ -21,7 +21,6 @@ address, identity, token *id* and outcome; never the token secret, CSR or key.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from meshd.bootstrap import (
 from meshd.consul.client import ConsulClient
 from meshd.consul.errors import ConsulError
 from meshd.identity import IdentityError, SpiffeId
+from meshd.logevents import log_event
 from meshd.peer import PeerRejected, verify_peer
 from meshd.server.ca import IssuedLeaf, SigningAuthority
 from meshd.server.http import ClientInfo, HttpRequest, HttpResponse
@@ -254,6 +254,6 @@ class SigningApi:
 
 def _log_decision(facts: dict[str, Any], *, allowed: bool, status: int, reason: str,
                   **extra: Any) -> None:  # fmt: skip
-    record = {"event": "sign", "decision": "allow" if allowed else "deny", "status": status,
-              "reason": reason, **facts, **extra}  # fmt: skip
-    log.info(json.dumps(record, sort_keys=True, default=str))
+    fields = {"decision": "allow" if allowed else "deny", "status": status, "reason": reason,
+              **facts, **extra}  # fmt: skip
+    log_event(log, logging.INFO, "sign", **fields)
