@@ -70,6 +70,13 @@ class AgentMetrics:
             ("destination",),
             registry=r,
         )
+        self.endpoint_ejections = Counter(
+            "meshd_endpoint_ejections",
+            "Upstream endpoints ejected after consecutive connect failures (moved to the back"
+            " of the attempt order for a while), by destination.",
+            ("destination",),
+            registry=r,
+        )
         self.warm_connections = Counter(
             "meshd_warm_connections",
             "Warm (pre-opened) mTLS connections by outcome: hit, miss, expired, closed_by_peer,"

@@ -209,7 +209,9 @@ async def _dial(
     (on ``meshd/1``) and *first* are sent. Or the reason every attempt failed.
     """
     endpoints = view.snapshot.endpoints(service)
-    order: tuple[Endpoint, ...] = deps.balancer.attempt_order(service, endpoints)
+    order: tuple[Endpoint, ...] = deps.balancer.attempt_order(
+        service, endpoints, now=trio.current_time(), key=_endpoint_key
+    )
     if not order:
         return f"no healthy endpoint for {service}"
     last = ""
@@ -222,10 +224,9 @@ async def _dial(
             if warm is not None:
                 _replenish(deps, service, ctx, endpoint)
                 return warm
-        try:
-            sock = await connect_tcp(endpoint.address, endpoint.port, timeout=deps.timeouts.connect)
-        except (OSError, trio.TooSlowError) as exc:
-            last = f"connect {endpoint.address}:{endpoint.port}: {exc or 'timed out'}"
+        sock = await _connect(deps, service, endpoint)
+        if isinstance(sock, str):
+            last = sock
             continue
         tls = await _secure(deps, view, service, sock, ctx, endpoint)
         if isinstance(tls, str):
@@ -294,9 +295,8 @@ async def _open_warm(
     view = deps.view()
     if view is None or view.bundle is None:
         return None
-    try:
-        sock = await connect_tcp(endpoint.address, endpoint.port, timeout=deps.timeouts.connect)
-    except (OSError, trio.TooSlowError):
+    sock = await _connect(deps, service, endpoint)
+    if isinstance(sock, str):
         return None
     tls = await _secure(deps, view, service, sock, ctx, endpoint)
     if isinstance(tls, str):
@@ -313,6 +313,36 @@ async def _open_warm(
         tls.close()
         return None
     return tls
+
+
+def _endpoint_key(endpoint: Endpoint) -> EndpointKey:
+    return (endpoint.address, endpoint.port)
+
+
+async def _connect(deps: ProxyDeps, service: str, endpoint: Endpoint) -> socket.socket | str:
+    """TCP to *endpoint*, the outcome told to the balancer's outlier ejection (what the
+    connect of a warm connection finds counts too); the reason on failure."""
+    key = _endpoint_key(endpoint)
+    outliers = deps.balancer.outliers
+    try:
+        sock = await connect_tcp(endpoint.address, endpoint.port, timeout=deps.timeouts.connect)
+    except (OSError, trio.TooSlowError) as exc:
+        reason = f"connect {endpoint.address}:{endpoint.port}: {exc or 'timed out'}"
+        ejection = outliers.failed(key, trio.current_time())
+        if ejection is not None:
+            deps.metrics.endpoint_ejections.labels(service).inc()
+            deps.log.event(
+                "endpoint_ejected",
+                level="warning",
+                destination=service,
+                endpoint=f"{endpoint.address}:{endpoint.port}",
+                seconds=ejection.seconds,
+                failures=ejection.failures,
+                reason=reason,
+            )
+        return reason
+    outliers.succeeded(key)
+    return sock
 
 
 async def _secure(

@@ -559,3 +559,68 @@ def test_scaling_api_1_to_3_and_back_under_traffic(mesh: Mesh) -> None:
     tail = sorted(records, key=lambda c: int(str(c["i"])))[-10:]
     assert {c["who"] for c in tail} == {"api"}
     mesh.wait_passing("api", 1)
+
+
+# -- 7. a black-holed endpoint -----------------------------------------------------------
+def test_black_holed_endpoint_is_ejected_and_calls_stop_waiting_for_it(mesh: Mesh) -> None:
+    """SECURITY-TESTS F: one endpoint black-holed: ejected, success >= 99.9 %.
+
+    api2's host drops every new connection from outside (SYNs only: what its proxy already
+    holds keeps working, as a routing black hole met mid-flight would not). Consul's check,
+    run on api2 itself over loopback, keeps passing, so only the outbound proxy's own
+    outlier ejection can keep callers from waiting ``connect_timeout`` (2 s) on it: about
+    half of all calls would, with round robin over two endpoints.
+    """
+    api, api2 = mesh.lab.hosts["api"], mesh.lab.hosts["api2"]
+    mesh.start_agent("api2")
+    mesh.start_app("api2", API_PORT, log_connections=True)
+    mesh.wait_passing("api", 2)
+    # Raw PREROUTING comes before the redirect to api2's inbound proxy; loopback (Consul's
+    # check) is spared.
+    rule = ["PREROUTING", "!", "-i", "lo", "-p", "tcp", "--syn", "--dport", str(API_PORT)]
+    rule += ["-j", "DROP"]
+    ejections_before = metric(mesh, "web", "meshd_endpoint_ejections_total", destination="api")
+    try:
+        with load(mesh, "web", api.address, API_PORT, duration_s=40) as proc:
+            wait_for(
+                "both instances to answer",
+                lambda: {"api", "api2"} <= {c["who"] for c in calls(proc)},
+                timeout_s=15,
+            )
+            api2.run(["iptables", "-t", "raw", "-I", *rule])
+            holed_at = max(int(str(c["i"])) for c in calls(proc))
+            summary = finished(proc, timeout_s=60)
+    finally:
+        api2.run(["iptables", "-t", "raw", "-D", *rule], check=False)
+        agent = mesh.hosts["api2"].agent
+        assert agent is not None
+        agent.stop(signal.SIGTERM, grace_s=20)
+        app_of(mesh, "api2", API_PORT).stop()
+    records = calls(proc)
+    failures = [c for c in records if not c["ok"]]
+    assert summary["failed"] == 0 and failures == [], failures[:5]
+    after = [c for c in records if int(str(c["i"])) > holed_at + 2]
+    assert len(after) >= 100
+    # api2 answers only on connections its host accepted before: at most web's two warm
+    # connections to it ([proxy] warm_connections).
+    assert len([c for c in after if c["who"] == "api2"]) <= 2
+    # Calls that waited out a connect to api2: those that picked it within the connect
+    # timeout of the black hole, before its second failure ejected it (about 5 at 5
+    # calls/s), and one trial each time its ejection ended (after 10 s, then 20 s). Round
+    # robin without ejection: about half of them (~85).
+    slow = [c for c in after if float(str(c["s"])) >= 1.5]
+    assert len(slow) <= 10, (len(slow), len(after), slow[:5])
+    ejected = metric(mesh, "web", "meshd_endpoint_ejections_total", destination="api")
+    assert ejected - ejections_before >= 1
+    web_agent = mesh.hosts["web"].agent
+    assert web_agent is not None
+    events = []
+    for line in web_agent.log().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("event") == "endpoint_ejected":
+                events.append(event)
+    assert events, web_agent.log()[-2000:]
+    assert {e["endpoint"] for e in events} == {f"{api2.address}:{API_PORT}"}
+    assert {e["destination"] for e in events} == {"api"}
+    mesh.wait_passing("api", 1)

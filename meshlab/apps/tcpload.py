@@ -4,8 +4,8 @@
 time *i/R* (each in its own thread, so a slow call never delays the next: constant rate),
 sends a line, holds the connection open *S* seconds, sends a second line, half-closes,
 reads to EOF and checks that both lines came back (a connection cut in flight fails).
-One JSON line per call on stdout (``i``, ``t`` = start offset in s, ``ok``, ``who`` = first
-word of the answer, a whoami app's name, ``err``), then
+One JSON line per call on stdout (``i``, ``t`` = start offset in s, ``s`` = how long the call
+took in s, ``ok``, ``who`` = first word of the answer, a whoami app's name, ``err``), then
 ``{"done": true, "calls": n, "failed": k}``. SIGTERM ends it early, the same way: no new
 calls, the started ones finish and are reported. Runs as whatever user starts it (tests
 start it as the app user, so its connections are intercepted).
@@ -35,6 +35,7 @@ def _call(
 ) -> None:
     first, second = f"tcpload-{i}-a\n".encode(), f"tcpload-{i}-b\n".encode()
     who, err = "", ""
+    began = time.monotonic()
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(first)
@@ -51,7 +52,8 @@ def _call(
         err = f"{type(exc).__name__}: {exc}"
     with _lock:
         results.append(not err)
-    _emit({"i": i, "t": round(t, 3), "ok": not err, "who": who, "err": err})
+    took = time.monotonic() - began
+    _emit({"i": i, "t": round(t, 3), "s": round(took, 3), "ok": not err, "who": who, "err": err})
 
 
 def main() -> None:
