@@ -70,6 +70,13 @@ class AgentMetrics:
             ("destination",),
             registry=r,
         )
+        self.retries_refused = Counter(
+            "meshd_connect_retries_refused",
+            "Outbound connect retries not made because the destination's retry budget was"
+            " spent (20 % of its connections over 10 s, plus 10 per second).",
+            ("destination",),
+            registry=r,
+        )
         self.endpoint_ejections = Counter(
             "meshd_endpoint_ejections",
             "Upstream endpoints ejected after consecutive connect failures (moved to the back"

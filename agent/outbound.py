@@ -200,7 +200,8 @@ def _cannot_dial(view: DataPlaneView, has_identity: bool) -> str | None:
 async def _dial(
     deps: ProxyDeps, view: DataPlaneView, service: str, ctx: ssl.SSLContext, first: bytes
 ) -> TLSConnection | str:
-    """Connect and verify an endpoint of *service*, trying the next on connect failure.
+    """Connect and verify an endpoint of *service*, trying the next on connect failure
+    while the destination's retry budget allows (ADR 012).
 
     The balancer's first choice is served from the warm pool when it has a connection
     (docs/adr/010); the pool is then topped up in the background.
@@ -214,10 +215,16 @@ async def _dial(
     )
     if not order:
         return f"no healthy endpoint for {service}"
+    budget = deps.balancer.retries
+    budget.connection(service, trio.current_time())
     last = ""
     for attempt, endpoint in enumerate(order):
         key = (endpoint.address, endpoint.port)
         if attempt:
+            if not budget.allow_retry(service, trio.current_time()):
+                deps.metrics.retries_refused.labels(service).inc()
+                last = f"{last}; no retry: the retry budget for {service} is spent"
+                break
             deps.metrics.connect_retries.labels(service).inc()
         else:
             warm = await _take_warm(deps, view, service, ctx, key, first)

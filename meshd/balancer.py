@@ -2,8 +2,9 @@
 
 The outbound proxy asks :meth:`RoundRobin.attempt_order` for the order in which to try a
 service's endpoints: the first is the balanced choice, the rest are where a failed connect
-is retried ("connect retries on another endpoint"). The picker mutates only its own state
-and returns a value; the caller performs the I/O and reports how each connect went.
+is retried ("connect retries on another endpoint"), as far as the destination's
+:class:`RetryBudget` allows. The picker mutates only its own state and returns a value;
+the caller performs the I/O and reports how each connect went.
 
 **Outlier ejection.** Consul's health checks run on the instance's own host, so they keep
 passing when the path to it is broken (a black-holed address, a dead inbound proxy, a
@@ -23,6 +24,8 @@ at once, for twice as long; a successful connect clears its record.
 
 from __future__ import annotations
 
+import collections
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -34,6 +37,9 @@ BASE_EJECTION_S = 10.0
 MAX_EJECTION_S = 300.0
 TRIAL_S = 5.0  # how long one caller's trial of an endpoint on probation keeps it from others
 MAX_TRACKED = 4096  # endpoints with a failure on record; the oldest records go first
+RETRY_RATIO = 0.2  # retries per connection a destination may have over the window ...
+RETRY_MIN_PER_S = 10.0  # ... plus this many per second, whatever the traffic
+RETRY_WINDOW_S = 10
 
 
 @dataclass
@@ -136,6 +142,71 @@ class Outliers:
         return [e for e in self._flagged if self._records[e].until > now]
 
 
+@dataclass
+class _Second:
+    second: int
+    connections: int = 0
+    retries: int = 0
+
+
+class RetryBudget:
+    """How many connect retries a destination may have: a share of its recent connections.
+
+    A retry is allowed while the retries of the last *window_s* seconds stay below
+    ``ratio`` times that window's connections plus ``min_per_s`` times *window_s* (Finagle's and
+    Linkerd's budget: 20 % and 10 per second over 10 s by default). When every endpoint of
+    a service fails, each connection would otherwise make up to three connects: a storm on
+    whatever is struggling. Counted per destination in one-second buckets, at most
+    *max_services* destinations (the least recently used forgotten first).
+    """
+
+    def __init__(
+        self,
+        *,
+        ratio: float = RETRY_RATIO,
+        min_per_s: float = RETRY_MIN_PER_S,
+        window_s: int = RETRY_WINDOW_S,
+        max_services: int = 1024,
+    ) -> None:
+        if ratio < 0 or min_per_s < 0 or window_s < 1:
+            raise ValueError("retry budget settings out of range")
+        self._ratio = ratio
+        self._reserve = min_per_s * window_s
+        self._window = window_s
+        self._max_services = max(1, max_services)
+        self._services: dict[str, collections.deque[_Second]] = {}
+        self.refused_total = 0
+
+    def _current(self, service: str, now: float) -> collections.deque[_Second]:
+        buckets = self._services.pop(service, None)
+        if buckets is None:
+            buckets = collections.deque()
+            if len(self._services) >= self._max_services:
+                del self._services[next(iter(self._services))]
+        self._services[service] = buckets  # most recently used last
+        second = math.floor(now)
+        while buckets and buckets[0].second <= second - self._window:
+            buckets.popleft()
+        if not buckets or buckets[-1].second != second:
+            buckets.append(_Second(second))
+        return buckets
+
+    def connection(self, service: str, now: float) -> None:
+        """A new connection to *service* (its first connect) at *now*."""
+        self._current(service, now)[-1].connections += 1
+
+    def allow_retry(self, service: str, now: float) -> bool:
+        """Whether one more connect retry to *service* fits the budget (then counted)."""
+        buckets = self._current(service, now)
+        connections = sum(b.connections for b in buckets)
+        retries = sum(b.retries for b in buckets)
+        if retries >= self._ratio * connections + self._reserve:
+            self.refused_total += 1
+            return False
+        buckets[-1].retries += 1
+        return True
+
+
 @dataclass(frozen=True)
 class BalancerStatistics:
     """How many picks were made, per service; ejections so far and endpoints ejected now."""
@@ -149,10 +220,13 @@ class RoundRobin:
     """Round robin across each service's endpoints, independently per service, with
     ejected endpoints (:class:`Outliers`) moved to the back of each attempt order."""
 
-    def __init__(self, outliers: Outliers | None = None) -> None:
+    def __init__(
+        self, outliers: Outliers | None = None, retries: RetryBudget | None = None
+    ) -> None:
         self._cursor: dict[str, int] = {}
         self._picks: dict[str, int] = {}
         self.outliers = outliers if outliers is not None else Outliers()
+        self.retries = retries if retries is not None else RetryBudget()
 
     def attempt_order(
         self,

@@ -10,6 +10,7 @@ from meshd.balancer import (
     MAX_EJECTION_S,
     TRIAL_S,
     Outliers,
+    RetryBudget,
     RoundRobin,
 )
 
@@ -132,3 +133,41 @@ def test_memory_is_bounded_and_the_oldest_failures_are_forgotten() -> None:
 def test_settings_out_of_range_are_refused(settings: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="outlier settings"):
         Outliers(**settings)  # type: ignore[arg-type]
+
+
+def test_retry_budget_keeps_a_reserve_when_there_is_no_traffic() -> None:
+    budget = RetryBudget(ratio=0.2, min_per_s=1.0, window_s=10)
+    assert [budget.allow_retry("api", 5.0) for _ in range(11)] == [True] * 10 + [False]
+    assert budget.refused_total == 1
+    assert budget.allow_retry("db", 5.0)  # each destination has its own
+
+
+def test_retry_budget_is_a_share_of_the_connections_of_the_window() -> None:
+    budget = RetryBudget(ratio=0.2, min_per_s=0.0, window_s=10)
+    for _ in range(100):
+        budget.connection("api", 0.5)
+    allowed = sum(budget.allow_retry("api", 0.5) for _ in range(50))
+    assert allowed == 20
+    # Nine seconds later the same connections still count, and the spent retries too.
+    assert not budget.allow_retry("api", 9.9)
+    # At 10 s the first second has left the window: nothing to share, nothing spent.
+    assert not budget.allow_retry("api", 10.0)
+    for _ in range(10):
+        budget.connection("api", 10.0)
+    assert [budget.allow_retry("api", 10.2) for _ in range(3)] == [True, True, False]
+
+
+def test_retry_budget_forgets_the_least_recently_used_destination_first() -> None:
+    budget = RetryBudget(ratio=0.0, min_per_s=0.1, window_s=10, max_services=2)
+    assert budget.allow_retry("a", 0.0)
+    assert budget.allow_retry("b", 0.0)
+    assert not budget.allow_retry("a", 0.0)  # a's reserve (1) is spent; a is now newest
+    assert budget.allow_retry("c", 0.0)  # forgets b, the least recently used
+    assert not budget.allow_retry("a", 0.0)  # a was kept
+    assert budget.allow_retry("b", 0.0)  # b starts afresh
+
+
+def test_retry_budget_settings_out_of_range_are_refused() -> None:
+    for settings in ({"ratio": -0.1}, {"min_per_s": -1.0}, {"window_s": 0}):
+        with pytest.raises(ValueError, match="retry budget"):
+            RetryBudget(**settings)  # type: ignore[arg-type]

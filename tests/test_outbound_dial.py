@@ -1,0 +1,93 @@
+"""The outbound proxy's dial under failing endpoints: retries, their budget, ejection.
+
+Real sockets on loopback and the outbound proxy's own ``_dial`` with a web proxy's real
+dependencies (metrics, balancer, TLS contexts from our CA). "Down" endpoints are loopback
+ports nobody listens on (the kernel refuses them at once); a live one is the agent's real
+inbound proxy in front of an application, so a dial that gets through ends verified.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import trio
+
+from agent import outbound
+from meshd.balancer import RETRY_MIN_PER_S, RETRY_RATIO, RETRY_WINDOW_S
+from meshd.dataplane import DataPlaneView, build_view
+from meshd.snapshot import Endpoint, LocalService, UpstreamSet, make_snapshot
+from tests.plugins.pki import MeshCa
+from tests.test_resumption import Proxy, make_proxy
+from tests.test_warm import running
+
+RESERVE = RETRY_MIN_PER_S * RETRY_WINDOW_S
+
+
+def refused_port() -> int:
+    """A loopback port that refuses connections (bound a moment ago, closed, not listening)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def view_with(web: Proxy, ports: list[int]) -> DataPlaneView:
+    assert web.view.bundle is not None
+    endpoints = tuple(
+        Endpoint("127.0.0.1", port, node=f"n{i}", service_id=f"api-{i}")
+        for i, port in enumerate(ports)
+    )
+    snapshot = make_snapshot(
+        version=1,
+        created_at=time.time(),
+        local_services=(LocalService("web", "web-1", 8080, upstreams=("api",)),),
+        upstreams=(UpstreamSet("api", endpoints),),
+        trust_bundle_raw=web.view.bundle.to_json(),
+    )
+    return build_view(snapshot)
+
+
+def counter(web: Proxy, name: str) -> float:
+    return float(getattr(web.deps.metrics, name).labels("api")._value.get())
+
+
+async def test_a_retry_storm_is_capped_by_the_retry_budget(mesh_ca: MeshCa, tmp_path: Path) -> None:
+    """SECURITY-TESTS F: every endpoint down; attempts <= requests x (1 + budget) + reserve."""
+    web = make_proxy(mesh_ca, tmp_path, LocalService("web", "web-1", 8080, upstreams=("api",)))
+    view = view_with(web, [refused_port() for _ in range(3)])
+    ctx = web.client_ctx()
+    calls = 1000  # all within one budget window (refusals are immediate)
+    outcomes = []
+    with trio.fail_after(30):
+        for _ in range(calls):
+            outcomes.append(await outbound._dial(web.deps, view, "api", ctx, b""))
+    assert all(isinstance(o, str) and "Connection refused" in o for o in outcomes)
+    retries, refused = counter(web, "connect_retries"), counter(web, "retries_refused")
+    spent = [o for o in outcomes if "retry budget for api is spent" in str(o)]
+    # Without a budget: 2 retries per call (3 endpoints), 2000 retries.
+    assert retries <= RETRY_RATIO * calls + RESERVE
+    assert retries >= RETRY_RATIO * calls  # the budget is used, not withheld
+    assert len(spent) == refused > 0
+    attempts = calls + retries
+    assert attempts <= calls * (1 + RETRY_RATIO) + RESERVE
+
+
+async def test_retries_still_reach_a_live_endpoint_and_the_dead_ones_are_ejected(
+    mesh_ca: MeshCa, tmp_path: Path
+) -> None:
+    async with running(mesh_ca, tmp_path, per_endpoint=0) as mesh:
+        web = mesh.web
+        view = view_with(web, [refused_port(), refused_port(), mesh.inbound_port])
+        ctx = web.client_ctx()
+        with trio.fail_after(30):
+            results = [await outbound._dial(web.deps, view, "api", ctx, b"") for _ in range(30)]
+        live = [r for r in results if not isinstance(r, str)]
+        for conn in live:
+            conn.abort()
+        # Each dead endpoint fails twice and is ejected; from then on the live one comes
+        # first in every order, and no connection needs a retry.
+        assert len(live) == 30, [r for r in results if isinstance(r, str)]
+        assert counter(web, "endpoint_ejections") == 2
+        assert counter(web, "connect_retries") <= 4
+        assert counter(web, "retries_refused") == 0
