@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,8 @@ APP_UID = 65534
 TRUST_DOMAIN = "11111111-2222-3333-4444-555555555555.consul"
 MESHD_PORT = 8555
 ADMIN_PORT = 15000
+SOCKHOLDER = REPO / "meshlab" / "apps" / "sockholder.py"
+SOCKET_UNIT = REPO / "systemd" / "meshd-agent.socket"
 
 
 @dataclass(frozen=True)
@@ -160,17 +163,39 @@ class Mesh:
                 '[[service.checks]]\nkind = "tcp"\ninterval = "1s"\ntimeout = "1s"\n'
             )
 
-    def start_agent(self, name: str) -> Process:
-        """Start ``meshd-agent run`` on host *name* and wait until it serves a snapshot."""
+    def start_agent(self, name: str, *, socket_activated: bool = False) -> Process:
+        """Start ``meshd-agent run`` on host *name* and wait until it serves a snapshot.
+
+        *socket_activated*: under ``meshlab/apps/sockholder.py``, which holds the listening
+        sockets of ``systemd/meshd-agent.socket`` as systemd would, so that
+        :meth:`restart_agent_in_place` restarts the agent the way ``systemctl restart``
+        does. The returned process is then the holder (stopping it stops the agent).
+        """
         mh = self.hosts[name]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
-        mh.agent = mh.host.spawn(
-            "agent",
-            [str(BIN / "meshd-agent"), "run", "--config", str(mh.dir / "agent.toml")],
-            env=env,
-        )
+        argv = [str(BIN / "meshd-agent"), "run", "--config", str(mh.dir / "agent.toml")]
+        if socket_activated:
+            listen = [arg for spec in unit_sockets() for arg in ("--listen", spec)]
+            argv = [sys.executable, str(SOCKHOLDER), *listen, "--", *argv]
+        mh.agent = mh.host.spawn("agent", argv, env=env)
         self.wait_admin(name, "/ready")
         return mh.agent
+
+    def restart_agent_in_place(self, name: str, *, timeout_s: float = 60.0) -> int:
+        """``systemctl restart`` of a socket-activated agent: the holder stops it (SIGTERM,
+        its drain) and starts a new one on the same sockets; returns when the new one is
+        ready, with its PID."""
+        holder = self.hosts[name].agent
+        assert holder is not None and holder.alive()
+        before = holder_pids(holder)
+        os.kill(holder.pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout_s
+        while len(holder_pids(holder)) == len(before):
+            if time.monotonic() > deadline or not holder.alive():
+                raise TimeoutError(f"agent on {name} not restarted:\n{holder.log()[-4000:]}")
+            time.sleep(0.05)
+        self.wait_admin(name, "/ready", timeout_s=max(1.0, deadline - time.monotonic()))
+        return holder_pids(holder)[-1]
 
     def wait_admin(self, name: str, path: str, *, timeout_s: float = 30.0) -> str:
         """Poll the agent's admin endpoint on host *name* until it answers 200."""
@@ -256,3 +281,21 @@ class Mesh:
             ns = shlex.quote(mh.host.netns)
             lines.append(f"  {name:<5} {mh.host.address:<13} netns {ns:<16} {ports}")
         return "\n".join(lines)
+
+
+def unit_sockets() -> list[str]:
+    """The ``ListenStream=`` addresses of ``systemd/meshd-agent.socket``, as shipped."""
+    return [
+        line.split("=", 1)[1].strip()
+        for line in SOCKET_UNIT.read_text().splitlines()
+        if line.startswith("ListenStream=")
+    ]
+
+
+def holder_pids(holder: Process) -> list[int]:
+    """The PIDs of the agents a sockholder has started so far, in order."""
+    pids = []
+    for line in holder.log().splitlines():
+        if line.startswith('{"holder": "started"'):
+            pids.append(int(json.loads(line)["pid"]))
+    return pids

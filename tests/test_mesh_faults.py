@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from meshlab.mesh import (
     ServiceSpec,
     as_app_user,
     exchange_argv,
+    holder_pids,
 )
 from meshlab.netns import Host, LabUnavailable, Process, open_lab
 from tests.test_mesh_l4 import access_lines
@@ -110,6 +112,14 @@ def app_connections(app: Process) -> list[tuple[str, int]]:
 def unproxied_or_carrying(conns: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """Connections that did not come from the inbound proxy/Consul check, or carried bytes."""
     return [(peer, n) for peer, n in conns if peer not in LOOPBACK or n > 0]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def app_of(mesh: Mesh, host: str, port: int) -> Process:
@@ -624,3 +634,54 @@ def test_black_holed_endpoint_is_ejected_and_calls_stop_waiting_for_it(mesh: Mes
     assert {e["endpoint"] for e in events} == {f"{api2.address}:{API_PORT}"}
     assert {e["destination"] for e in events} == {"api"}
     mesh.wait_passing("api", 1)
+
+
+# -- 8. planned restarts under load ------------------------------------------------------
+def test_planned_restarts_under_load_fail_and_truncate_nothing(mesh: Mesh) -> None:
+    """SECURITY-TESTS F: planned restart under load: zero failed, zero truncated.
+
+    web's and api's agents run socket-activated (``sockholder.py`` holds the sockets of
+    ``systemd/meshd-agent.socket``, as systemd does) and are restarted in place, each
+    twice, while tcpload calls web → api at a constant rate with every connection held
+    open 0.5 s (some are always in flight). The old agent drains what it holds; what
+    arrives meanwhile waits in the kernel's queue on the held sockets for the new one.
+    """
+    api = mesh.lab.hosts["api"]
+    for name in ("web", "api"):
+        agent = mesh.hosts[name].agent
+        assert agent is not None
+        assert agent.stop(signal.SIGTERM, grace_s=20) == 0, agent.log()[-3000:]
+        mesh.start_agent(name, socket_activated=True)
+    try:
+        mesh.wait_passing("api", 1)
+        hold_s = 0.5
+        with load(mesh, "web", api.address, API_PORT, duration_s=40, hold_s=hold_s) as proc:
+            wait_for("traffic", lambda: sum(1 for c in calls(proc) if c["ok"]) >= 5)
+            restarted = []
+            for name in ("api", "web", "api", "web"):
+                holder = mesh.hosts[name].agent
+                assert holder is not None
+                old = holder_pids(holder)[-1]
+                new = mesh.restart_agent_in_place(name)
+                assert new != old and not pid_alive(old)
+                restarted.append(name)
+                time.sleep(1.0)
+            summary = finished(proc, timeout_s=90)
+    finally:
+        for name in ("web", "api"):
+            holder = mesh.hosts[name].agent
+            assert holder is not None
+            holder.stop(signal.SIGTERM, grace_s=30)
+            mesh.start_agent(name)
+    records = calls(proc)
+    failures = [c for c in records if not c["ok"]]
+    assert failures == [], failures[:5]  # a truncated echo fails its call ("no echo")
+    assert summary["failed"] == 0 and summary["calls"] == len(records) >= 5 * 40 * 0.9
+    assert {c["who"] for c in records} == {"api"}
+    assert restarted == ["api", "web", "api", "web"]
+    # Some calls arrived while no agent was accepting and waited in the queue for the
+    # new one: the restarts happened under the load, not between its calls.
+    queued = [c for c in records if float(str(c["s"])) >= hold_s + 0.3]
+    assert queued, sorted(float(str(c["s"])) for c in records)[-5:]
+    mesh.wait_passing("api", 1)
+    mesh.wait_passing("web", 1)
