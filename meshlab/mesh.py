@@ -32,6 +32,7 @@ MESHD_PORT = 8555
 ADMIN_PORT = 15000
 SOCKHOLDER = REPO / "meshlab" / "apps" / "sockholder.py"
 SOCKET_UNIT = REPO / "systemd" / "meshd-agent.socket"
+SERVICE_UNIT = REPO / "systemd" / "meshd-agent.service"
 
 
 @dataclass(frozen=True)
@@ -169,14 +170,16 @@ class Mesh:
         *socket_activated*: under ``meshlab/apps/sockholder.py``, which holds the listening
         sockets of ``systemd/meshd-agent.socket`` as systemd would, so that
         :meth:`restart_agent_in_place` restarts the agent the way ``systemctl restart``
-        does. The returned process is then the holder (stopping it stops the agent).
+        does, and restarts an agent that died after the unit's ``RestartSec``. The
+        returned process is then the holder (stopping it stops the agent).
         """
         mh = self.hosts[name]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
         argv = [str(BIN / "meshd-agent"), "run", "--config", str(mh.dir / "agent.toml")]
         if socket_activated:
             listen = [arg for spec in unit_sockets() for arg in ("--listen", spec)]
-            argv = [sys.executable, str(SOCKHOLDER), *listen, "--", *argv]
+            restart = ["--restart-sec", str(unit_setting(SERVICE_UNIT, "RestartSec"))]
+            argv = [sys.executable, str(SOCKHOLDER), *listen, *restart, "--", *argv]
         mh.agent = mh.host.spawn("agent", argv, env=env)
         self.wait_admin(name, "/ready")
         return mh.agent
@@ -290,6 +293,18 @@ def unit_sockets() -> list[str]:
         for line in SOCKET_UNIT.read_text().splitlines()
         if line.startswith("ListenStream=")
     ]
+
+
+def unit_setting(unit: Path, key: str) -> str:
+    """The value of *key* in a shipped systemd unit (the last one, as systemd reads it)."""
+    values = [
+        line.split("=", 1)[1].strip()
+        for line in unit.read_text().splitlines()
+        if line.startswith(f"{key}=")
+    ]
+    if not values:
+        raise KeyError(f"{unit.name} sets no {key}")
+    return values[-1]
 
 
 def holder_pids(holder: Process) -> list[int]:

@@ -9,7 +9,9 @@ two runs of COMMAND the kernel keeps queueing connections on them instead of ref
 * SIGHUP: restart COMMAND (``systemctl restart``): SIGTERM it, wait until it has exited,
   start it again.
 * SIGTERM: stop COMMAND the same way, then exit.
-* COMMAND exits by itself: it is not restarted; this process exits with its status.
+* COMMAND exits by itself (a crash, ``kill -9``): with ``--restart-sec S`` it is started
+  again after S seconds (``Restart=always``, ``RestartSec=S`` of
+  ``systemd/meshd-agent.service``); without, this process exits with its status.
 
 One JSON line on stdout per event (``{"holder": "started", "pid": N}``, ``"exited"`` with
 ``"status"``), the command's own output interleaved. The command gets SIGKILL if this
@@ -73,6 +75,7 @@ def _start(command: list[str], fds: list[int]) -> subprocess.Popen[bytes]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", action="append", required=True, metavar="HOST:PORT")
+    parser.add_argument("--restart-sec", type=float, default=None, metavar="S")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -95,7 +98,14 @@ def main() -> int:
         status = child.poll()
         if status is not None:
             _emit(event="exited", pid=child.pid, status=status)
-            return status
+            if args.restart_sec is None:
+                return status
+            if wake.wait(args.restart_sec) and "stop" in wanted:
+                return 0
+            wanted.clear()  # a restart asked for meanwhile is this one
+            child = _start(command, fds)
+            _emit(event="started", pid=child.pid)
+            continue
         wake.wait(0.2)
         wake.clear()
         while wanted:
