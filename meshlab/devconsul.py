@@ -78,6 +78,15 @@ def stop_process(
     return process.returncode
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (a zombie counts until it is reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class DevConsul:
     """One ``consul agent -dev`` process: its configuration, log, readiness and end.
 

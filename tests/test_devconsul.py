@@ -7,24 +7,15 @@ stopped agent is gone by its PID.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from meshlab.devconsul import DevConsul, free_ports, stop_process
+from meshlab.devconsul import DevConsul, free_ports, pid_alive, stop_process
 
 pytestmark = pytest.mark.consul
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _running_with(argument: str) -> list[int]:
@@ -77,11 +68,11 @@ def test_stop_ends_the_agent_by_pid_and_restart_serves_again(tmp_path: Path) -> 
     assert first is not None and agent.get_json("/v1/status/leader")
     assert _running_with(str(agent.config_file)) == [first]
     agent.restart()
-    assert agent.pid not in (None, first) and not _pid_alive(first)
+    assert agent.pid not in (None, first) and not pid_alive(first)
     assert agent.get_json("/v1/status/leader")
     second = agent.pid
     agent.stop()
-    assert agent.pid is None and second is not None and not _pid_alive(second)
+    assert agent.pid is None and second is not None and not pid_alive(second)
     with pytest.raises(OSError):
         agent.get_json("/v1/status/leader")
 

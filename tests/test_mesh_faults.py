@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from meshlab.devconsul import pid_alive
 from meshlab.mesh import (
     APP_PYTHON,
     BIN,
@@ -112,14 +113,6 @@ def app_connections(app: Process) -> list[tuple[str, int]]:
 def unproxied_or_carrying(conns: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """Connections that did not come from the inbound proxy/Consul check, or carried bytes."""
     return [(peer, n) for peer, n in conns if peer not in LOOPBACK or n > 0]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def app_of(mesh: Mesh, host: str, port: int) -> Process:
@@ -244,6 +237,18 @@ def load_records(proc: Process) -> list[dict[str, object]]:
 
 def calls(proc: Process) -> list[dict[str, object]]:
     return [r for r in load_records(proc) if "i" in r]
+
+
+def reported(
+    proc: Process, label: str
+) -> tuple[list[dict[str, object]], list[dict[str, object]], list[tuple[object, str]]]:
+    """tcpload's calls, the failed ones, and (call, error) of those, printed under *label*
+    (``pytest -s`` shows what a fault cost)."""
+    records = calls(proc)
+    failures = [c for c in records if not c["ok"]]
+    lost = [(c["i"], str(c["err"])[:40]) for c in failures]
+    print(f"{label}: failed {lost} of {len(records)}")
+    return records, failures, lost
 
 
 def finished(proc: Process, timeout_s: float) -> dict[str, object]:
@@ -487,9 +492,19 @@ def test_killed_agent_leaves_no_unproxied_path_and_traffic_resumes_after_restart
 
 
 # -- 5. Consul away ----------------------------------------------------------------------
-def test_consul_stopped_for_60_s_under_steady_traffic_fails_no_connection(mesh: Mesh) -> None:
+@pytest.mark.parametrize(
+    "outage_s", [60.0, pytest.param(600.0, marks=pytest.mark.slow)], ids=["60s", "10min"]
+)
+def test_consul_stopped_under_steady_traffic_fails_no_connection(
+    mesh: Mesh, outage_s: float
+) -> None:
+    """SECURITY-TESTS F: Consul down for 60 s and for 10 min (zero failed).
+
+    Both hosts' Consul agents are stopped under constant load; the agents keep serving from
+    their snapshots and re-register when Consul is back. The 10-minute run is marked slow
+    (deselected by default): ``./scripts/test -m slow tests/test_mesh_faults.py``.
+    """
     web, api = mesh.lab.hosts["web"], mesh.lab.hosts["api"]
-    outage_s = 60.0
     with load(mesh, "web", api.address, API_PORT, duration_s=outage_s + 8) as proc:
         wait_for("traffic", lambda: sum(1 for c in calls(proc) if c["ok"]) >= 5)
         consuls = [p for h in (web, api) for p in h.processes if p.name == "consul" and p.alive()]
@@ -569,6 +584,40 @@ def test_scaling_api_1_to_3_and_back_under_traffic(mesh: Mesh) -> None:
     tail = sorted(records, key=lambda c: int(str(c["i"])))[-10:]
     assert {c["who"] for c in tail} == {"api"}
     mesh.wait_passing("api", 1)
+
+
+def test_scale_down_kill_first_loses_only_the_connections_in_flight(mesh: Mesh) -> None:
+    """SECURITY-TESTS F: scale down kill-first (bounded).
+
+    api2 joins, then dies at once, agent and application together (SIGKILL: no drain, no
+    deregistration). Its in-flight calls are lost; new ones are refused at api2's host
+    (the rules stay, no proxy listens), retried on api and, after two refusals, api2 is
+    ejected until Consul's check takes it out of the catalog.
+    """
+    api = mesh.lab.hosts["api"]
+    mesh.start_agent("api2")
+    app2 = mesh.start_app("api2", API_PORT, log_connections=True)
+    mesh.wait_passing("api", 2)
+    with load(mesh, "web", api.address, API_PORT, duration_s=30, hold_s=0.5) as proc:
+        wait_for(
+            "both instances to answer",
+            lambda: {"api", "api2"} <= {c["who"] for c in calls(proc)},
+            timeout_s=15,
+        )
+        agent2 = mesh.hosts["api2"].agent
+        assert agent2 is not None
+        killed_after = max(int(str(c["i"])) for c in calls(proc))
+        agent2.stop(signal.SIGKILL)
+        app2.stop(signal.SIGKILL)
+        mesh.wait_passing("api", 1, timeout_s=15)
+        summary = finished(proc, timeout_s=60)
+    records, failures, lost = reported(proc, f"kill-first after call {killed_after}")
+    assert summary["calls"] == len(records) >= 5 * 30 * 0.9
+    # At 5 calls/s held 0.5 s, about 3 are in flight, half of them on api2.
+    assert len(failures) <= 3, lost
+    assert all(killed_after - 3 <= int(str(c["i"])) <= killed_after + 8 for c in failures), lost
+    tail = [c for c in records if int(str(c["i"])) > killed_after + 8]
+    assert len(tail) >= 50 and all(c["ok"] and c["who"] == "api" for c in tail)
 
 
 # -- 7. a black-holed endpoint -----------------------------------------------------------
@@ -726,10 +775,7 @@ def test_agents_killed_under_load_lose_only_the_connections_they_held(mesh: Mesh
                 mesh.wait_admin(name, "/ready")
                 time.sleep(3.0)
             summary = finished(proc, timeout_s=60)
-    records = calls(proc)
-    failures = [c for c in records if not c["ok"]]
-    lost = [(c["i"], str(c["err"])[:40]) for c in failures]
-    print(f"kills (agent, last call done): {kills}; failed: {lost} of {len(records)}")
+    records, failures, lost = reported(proc, f"kills (agent, last call done): {kills}")
     assert summary["calls"] == len(records) >= 5 * 30 * 0.9
     assert 0 < len(failures) <= 2 * 6, failures
     # Every failure was a call in flight at a kill: started within a few calls of it.
