@@ -96,6 +96,12 @@ class AgentMetrics:
             "Warm outbound connections open and waiting to be used.",
             registry=r,
         )
+        self.redirect_repairs = Counter(
+            "meshd_redirect_repairs",
+            "Times the running agent found its redirect rules flushed or edited by another"
+            " tool and put them back.",
+            registry=r,
+        )
         self.snapshot_version = Gauge(
             "meshd_snapshot_version", "Version of the snapshot in use.", registry=r
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -190,8 +190,8 @@ def status(
 def repair(spec: RedirectSpec, *, families: tuple[Family, ...] = FAMILIES) -> tuple[str, ...]:
     """Re-apply *spec* where the installed rules drifted (flushed or edited by another tool).
 
-    The agent calls this periodically (in a worker thread) so that a foreign flush is
-    repaired and reported rather than ignored.
+    The running agent calls this every ``[redirect] check_interval`` (:func:`keep_applied`)
+    so that a foreign flush is repaired and reported rather than ignored.
 
     Returns:
         The problems found (``"IPv4: ..."``), empty when the rules were intact.
@@ -204,6 +204,30 @@ def repair(spec: RedirectSpec, *, families: tuple[Family, ...] = FAMILIES) -> tu
     if broken:
         apply(spec, families=broken)
     return tuple(f"IPv{s.family}: {p}" for s in found for p in s.problems)
+
+
+async def keep_applied(
+    spec: RedirectSpec,
+    *,
+    interval: float,
+    on_repaired: Callable[[tuple[str, ...]], None],
+    on_failed: Callable[[str], None],
+) -> None:
+    """Every *interval* seconds, :func:`repair` the rules in a worker thread; forever.
+
+    *on_repaired* gets the problems that were found and fixed (never called while the
+    rules are intact); *on_failed* the error when reading or re-applying failed (the next
+    round tries again).
+    """
+    while True:
+        await trio.sleep(interval)
+        try:
+            problems = await trio.to_thread.run_sync(repair, spec)
+        except RedirectError as exc:
+            on_failed(str(exc))
+            continue
+        if problems:
+            on_repaired(problems)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from pathlib import Path
 
 import click
@@ -10,10 +11,11 @@ import trio
 from agent import redirect
 from agent.accesslog import JsonLog, install_json_logging
 from agent.certifier import endpoints_from_addresses
-from agent.runtime import AgentOptions, serve_agent
+from agent.runtime import AgentHandle, AgentOptions, serve_agent
 from agent.setup import proxy_uid, redirect_spec
 from meshd.config import load_agent_config, load_service_dir
 from meshd.consul import ConsulSettings, open_consul
+from meshd.redirect_spec import RedirectSpec
 
 
 @click.command("run")
@@ -45,9 +47,12 @@ def run_cmd(config_path: Path) -> None:
 
     async def main() -> None:
         async with open_consul(settings) as consul, trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: serve_agent(consul, options, log=log, task_status=task_status)
-            )
+
+            async def run_agent(task_status: trio.TaskStatus[AgentHandle]) -> None:
+                await serve_agent(consul, options, log=log, task_status=task_status)
+                nursery.cancel_scope.cancel()  # the agent has drained: stop watching rules
+
+            handle: AgentHandle = await nursery.start(run_agent)
             if spec is not None:
                 # Rules go in only once the proxies listen: a redirected connection then
                 # always finds a proxy. They stay when the agent exits (see runtime).
@@ -55,5 +60,18 @@ def run_cmd(config_path: Path) -> None:
                 log.event(
                     "redirect_applied", changed=[f"IPv{c.family}" for c in changes if c.applied]
                 )
+                nursery.start_soon(keep_rules, spec, config.redirect.check_interval, handle)
+
+    def keep_rules(spec: RedirectSpec, interval: float, handle: AgentHandle) -> Awaitable[None]:
+        def repaired(problems: tuple[str, ...]) -> None:
+            handle.metrics.redirect_repairs.inc()
+            log.event("redirect_repaired", level="warning", problems=list(problems))
+
+        def failed(error: str) -> None:
+            log.event("redirect_check_failed", level="error", error=error)
+
+        return redirect.keep_applied(
+            spec, interval=interval, on_repaired=repaired, on_failed=failed
+        )
 
     trio.run(main)

@@ -81,6 +81,7 @@ def test_empty_agent_file_gives_documented_defaults() -> None:
     assert config.redirect.enabled is True
     assert config.redirect.exclude_inbound_ports == config.redirect.exclude_uids == ()
     assert config.redirect.ipv6 == "redirect"
+    assert config.redirect.check_interval == 10.0
     assert config.log.level == "info"
 
 
@@ -133,6 +134,7 @@ AGENT_VALID = [
      "redirect.exclude_outbound_cidrs",
      tuple(map(ipaddress.ip_network, ["1.2.3.4/32", "10.0.0.0/8", "fd00::/8"]))),
     ("[redirect]\nipv6 = 'refuse'", "redirect.ipv6", "refuse"),
+    ("[redirect]\ncheck_interval = '1m'", "redirect.check_interval", 60.0),
     ("[log]\nlevel = 'debug'", "log.level", "debug"),
 ]  # fmt: skip
 
@@ -215,6 +217,8 @@ AGENT_ERRORS = [
      "meshd.addresses[1]: duplicate address 'https://m:1'"),
     ("[meshd]\naddress = []", "meshd.address: unknown key (did you mean 'addresses'?)"),
     ("[redirect]\nenabled = 'yes'", "redirect.enabled: expected true or false, got 'yes'"),
+    ("[redirect]\ncheck_interval = '0s'",
+     "redirect.check_interval: expected at least 1s and at most 1h, got '0s'"),
     ("[redirect]\nexclude_outbound_ports = [22, 0]",
      "redirect.exclude_outbound_ports[1]: expected an integer 1-65535, got 0"),
     ("[redirect]\nexclude_uids = [-1]", "redirect.exclude_uids[0]: expected an integer 0-"),

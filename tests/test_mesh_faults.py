@@ -61,6 +61,7 @@ def mesh() -> Iterator[Mesh]:
             web = m.add_host("web", [ServiceSpec("web", WEB_PORT, upstreams=("api",))])
             with (web.dir / "agent.toml").open("a") as toml:
                 toml.write(f"[redirect]\nexclude_outbound_ports = [{EXCLUDED_PORT}]\n")
+                toml.write('check_interval = "1s"\n')  # the flush test waits for it
             m.add_host("api", [ServiceSpec("api", API_PORT)])
             m.add_host("db", [ServiceSpec("db", DB_PORT)])
             m.add_host("api2", [ServiceSpec("api", API_PORT)])
@@ -462,6 +463,45 @@ def test_redirect_is_live_exclusions_reach_real_targets_and_restarts_change_no_r
     assert call_until(mesh, "web", api.address, API_PORT, ok=True).returncode == 0
 
 
+def agent_events(mesh: Mesh, host: str, event: str) -> list[dict[str, object]]:
+    """The JSON log events named *event* of *host*'s current agent."""
+    agent = mesh.hosts[host].agent
+    assert agent is not None
+    found = []
+    for line in agent.log().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("event") == event:
+                found.append(record)
+    return found
+
+
+def test_rules_flushed_by_another_tool_are_put_back_and_reported(mesh: Mesh) -> None:
+    """SECURITY-TESTS D: rules flushed by another tool are detected and re-applied.
+
+    web's agent checks its rules every second here (``check_interval = "1s"``; 10 s by
+    default). The flush is what a firewall reload does: our IPv4 chain emptied, the IPv6
+    jump into ours gone with the rest of the chain it sat in.
+    """
+    web, api = mesh.lab.hosts["web"], mesh.lab.hosts["api"]
+    rules = normalized_rules(web)
+    repairs = metric(mesh, "web", "meshd_redirect_repairs_total")
+    seen = len(agent_events(mesh, "web", "redirect_repaired"))
+    web.run(["iptables", "-t", "nat", "-F", "MESHD_OUTPUT"])
+    web.run(["ip6tables", "-t", "nat", "-F", "OUTPUT"])
+    assert normalized_rules(web) != rules
+    wait_for("the rules to be put back", lambda: normalized_rules(web) == rules, timeout_s=10)
+    assert metric(mesh, "web", "meshd_redirect_repairs_total") > repairs
+    events = agent_events(mesh, "web", "redirect_repaired")[seen:]
+    problems = [str(p) for e in events for p in e["problems"]]  # type: ignore[attr-defined]
+    assert any(p.startswith("IPv4:") for p in problems), events
+    assert any(p.startswith("IPv6:") for p in problems), events
+    # Intercepted again: the call goes through web's proxy (its access log says so).
+    calls_before = len(access_lines(mesh, "web"))
+    assert call_until(mesh, "web", api.address, API_PORT, ok=True).returncode == 0
+    assert len(access_lines(mesh, "web")) > calls_before
+
+
 # -- 4. agent killed ---------------------------------------------------------------------
 def test_killed_agent_leaves_no_unproxied_path_and_traffic_resumes_after_restart(
     mesh: Mesh,
@@ -671,15 +711,8 @@ def test_black_holed_endpoint_is_ejected_and_calls_stop_waiting_for_it(mesh: Mes
     assert len(slow) <= 10, (len(slow), len(after), slow[:5])
     ejected = metric(mesh, "web", "meshd_endpoint_ejections_total", destination="api")
     assert ejected - ejections_before >= 1
-    web_agent = mesh.hosts["web"].agent
-    assert web_agent is not None
-    events = []
-    for line in web_agent.log().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            event = json.loads(line)
-            if isinstance(event, dict) and event.get("event") == "endpoint_ejected":
-                events.append(event)
-    assert events, web_agent.log()[-2000:]
+    events = agent_events(mesh, "web", "endpoint_ejected")
+    assert events
     assert {e["endpoint"] for e in events} == {f"{api2.address}:{API_PORT}"}
     assert {e["destination"] for e in events} == {"api"}
     mesh.wait_passing("api", 1)

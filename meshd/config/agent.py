@@ -110,6 +110,8 @@ class RedirectConfig:
         exclude_outbound_cidrs: destination networks never redirected.
         exclude_uids: users whose outbound connections are never redirected.
         ipv6: ``redirect`` IPv6 like IPv4, or ``refuse`` it (never silently bypass).
+        check_interval: how often the running agent compares the installed rules with
+            what it applied, and re-applies them where another tool flushed or edited them.
     """
 
     enabled: bool = True
@@ -118,6 +120,7 @@ class RedirectConfig:
     exclude_outbound_cidrs: tuple[fields.Network, ...] = ()
     exclude_uids: tuple[int, ...] = ()
     ipv6: IPv6Mode = "redirect"
+    check_interval: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,7 @@ def _redirect(table: Table) -> RedirectConfig:
         "exclude_outbound_cidrs",
         "exclude_uids",
         "ipv6",
+        "check_interval",
     )
     ports = _sorted_unique(fields.port)
     uids = _sorted_unique(fields.integer(0, MAX_UID))
@@ -268,4 +272,5 @@ def _redirect(table: Table) -> RedirectConfig:
         exclude_outbound_cidrs=table.get("exclude_outbound_cidrs", _sorted_unique_networks, ()),
         exclude_uids=table.get("exclude_uids", uids, ()),
         ipv6=table.get("ipv6", fields.choice(*get_args(IPv6Mode)), "redirect"),
+        check_interval=table.get("check_interval", fields.duration(1, 3600), 10.0),
     )
