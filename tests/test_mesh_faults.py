@@ -502,6 +502,54 @@ def test_rules_flushed_by_another_tool_are_put_back_and_reported(mesh: Mesh) -> 
     assert len(access_lines(mesh, "web")) > calls_before
 
 
+def test_cold_start_without_consul_or_cache_refuses_everything(mesh: Mesh) -> None:
+    """SECURITY-TESTS A (fail closed): Consul unreachable at cold start with no cache.
+
+    db's agent starts with its local Consul stopped and no persisted snapshot (its
+    certificates are kept: only policy and endpoints are unknown). Its proxies listen and
+    its rules go in, but with no snapshot both proxies refuse: web's calls to db, and db's
+    own calls out. db's application receives nothing. When Consul comes back the agent
+    serves without a restart.
+    """
+    web, db = mesh.lab.hosts["web"], mesh.lab.hosts["db"]
+    db_app = app_of(mesh, "db", DB_PORT)
+    assert call_until(mesh, "web", db.address, DB_PORT, ok=True).returncode == 0
+    agent = mesh.hosts["db"].agent
+    assert agent is not None
+    assert agent.stop(signal.SIGTERM, grace_s=20) == 0, agent.log()[-3000:]
+    consul = next(p for p in db.processes if p.name == "consul" and p.alive())
+    consul.stop(signal.SIGTERM)
+    snapshot = mesh.hosts["db"].dir / "state" / "snapshot.json"
+    snapshot.unlink()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+        config = mesh.hosts["db"].dir / "agent.toml"
+        cold = db.spawn(
+            "agent", [str(BIN / "meshd-agent"), "run", "--config", str(config)], env=env
+        )
+        mesh.hosts["db"].agent = cold
+        wait_for("db's rules", lambda: '"redirect_applied"' in cold.log(), timeout_s=30)
+        assert mesh.admin("db", "/ready").returncode != 0  # not ready: no snapshot
+        before = len(app_connections(db_app))
+        attempts = [
+            mesh.call("web", db.address, DB_PORT, b"cold-in\n"),  # into db, through web
+            mesh.call("db", web.address, WEB_PORT, b"cold-out\n"),  # out of db
+        ]
+        for res in attempts:
+            assert res.returncode != 0 and "cold" not in res.stdout, res
+        time.sleep(1.5)  # what would have reached the app has, by now
+        assert unproxied_or_carrying(app_connections(db_app)[before:]) == []
+        assert "cold" not in db_app.log()
+        outcomes = {str(r["outcome"]) for r in access_lines(mesh, "db")}
+        assert {"not_meshed", "no_snapshot"} <= outcomes, outcomes
+    finally:
+        mesh.lab.restart_consul(db)
+    mesh.wait_admin("db", "/ready", timeout_s=60)
+    res = call_until(mesh, "web", db.address, DB_PORT, ok=True, timeout_s=20)
+    assert res.returncode == 0 and res.stdout.split()[0] == "db", res
+    mesh.wait_passing("db", 1, timeout_s=30)
+
+
 # -- 4. agent killed ---------------------------------------------------------------------
 def test_killed_agent_leaves_no_unproxied_path_and_traffic_resumes_after_restart(
     mesh: Mesh,
