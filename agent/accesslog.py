@@ -57,7 +57,10 @@ class JsonLogHandler(logging.Handler):
     """Routes the stdlib ``logging`` records of the agent's parts into the JSON log.
 
     A record made by :func:`meshd.logevents.log_event` becomes its event with its fields;
-    they cannot set ``ts``, ``level`` or ``logger``. Any other record's message is the event.
+    they cannot set ``ts``, ``level`` or ``logger``. Any other record (the agent's own code
+    logs only events; this is for what a library might log under ``meshd.*``) becomes the
+    event ``"message"`` with the text in ``"message"``: event names stay a closed set that
+    operators can filter on.
     """
 
     def __init__(self, log: JsonLog) -> None:
@@ -66,7 +69,7 @@ class JsonLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         level = record.levelname.lower()
-        event, fields = event_of(record) or (record.getMessage(), {})
+        event, fields = event_of(record) or ("message", {"message": record.getMessage()})
         fields = {k: v for k, v in fields.items() if k not in _RESERVED}
         fields["logger"] = record.name
         if record.exc_info and record.exc_info[1] is not None:

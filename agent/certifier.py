@@ -177,10 +177,11 @@ class Certifier:
             cert = _certified(service, chain, key_path)
             leaf = x509.load_pem_x509_certificates(chain)[0]
         except (OSError, ValueError, MeshdError) as exc:
-            log.info("no usable cached certificate for %s: %s", service, exc)
+            log_event(log, logging.INFO, "cert_cache_unusable", service=service, reason=str(exc))
             return
         if leaf.public_key() != key.public_key():
-            log.warning("cached certificate for %s does not match its key; ignoring it", service)
+            log_event(log, logging.WARNING, "cert_cache_unusable", service=service,
+                      reason="the cached certificate does not match its key")  # fmt: skip
             return
         self._install(service, cert, received=chain_path.stat().st_mtime)
 

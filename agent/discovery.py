@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from meshd.consul import ConsulClient, ConsulError
+from meshd.logevents import log_event
 from meshd.snapshot import DestinationCache, DiscoveryStatistics, NodeService, match_destination
 
 log = logging.getLogger("meshd.agent.discovery")
@@ -70,12 +71,14 @@ class DestinationResolver:
         try:
             service = await self._lookup(address, port)
         except ConsulError as exc:
-            log.warning("cannot resolve %s:%d: %s", address, port, exc)
+            log_event(log, logging.WARNING, "discovery_failed", address=address, port=port,
+                      error=str(exc))  # fmt: skip
         finally:
             self._cache.finish(address, port, service, trio.current_time())
             limiter.release()
         if service is not None:
-            log.info("destination %s:%d is service %s; watching it", address, port, service)
+            log_event(log, logging.INFO, "destination_discovered", address=address, port=port,
+                      service=service)  # fmt: skip
             self._request_upstream(service)
 
 

@@ -34,6 +34,7 @@ from meshd.consul import (
     ConsulNotFound,
     ServiceRegistration,
 )
+from meshd.logevents import log_event
 
 log = logging.getLogger("meshd.agent.registration")
 
@@ -210,7 +211,7 @@ class Registrar:
     def _error(self, what: str, exc: ConsulError) -> None:
         self._counts["err"] += 1
         self._last_error = f"{what}: {exc}"
-        log.warning("registration: %s: %s", what, exc)
+        log_event(log, logging.WARNING, "registration_failed", what=what, error=str(exc))
 
     async def sync(self, services: Iterable[ServiceConfig]) -> bool:
         """Register new or changed services, deregister those whose file was removed.

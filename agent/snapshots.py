@@ -28,6 +28,7 @@ from agent.holder import HolderStatistics, SnapshotHolder
 from meshd.config import ServiceConfig
 from meshd.consul import ConsulClient, KVEntry, ServiceInstance, Watch, WatchStatistics
 from meshd.keyfile import KeyFileError, read_secret, write_secret
+from meshd.logevents import log_event
 from meshd.snapshot import (
     BundleChanged,
     Endpoint,
@@ -59,7 +60,8 @@ def load_persisted(state_dir: Path) -> Snapshot | None:
     try:
         return from_json(read_secret(path))
     except (KeyFileError, SnapshotFormatError) as exc:
-        log.warning("ignoring persisted snapshot %s: %s", path, exc)
+        log_event(log, logging.WARNING, "persisted_snapshot_ignored", path=str(path),
+                  reason=str(exc))  # fmt: skip
         return None
 
 
@@ -193,10 +195,13 @@ class SnapshotPipeline:
         wanted = self._reducer.watch_set()
         unwatched = self._reducer.statistics().unwatched
         if unwatched and unwatched != self._reported_unwatched:
-            log.warning(
-                "watching %d upstream services, the cap; not watched: %s",
-                len(wanted),
-                ", ".join(sorted(unwatched)[:20]),
+            log_event(
+                log,
+                logging.WARNING,
+                "upstreams_capped",
+                watched=len(wanted),
+                not_watched=sorted(unwatched)[:20],
+                not_watched_count=len(unwatched),
             )
         self._reported_unwatched = unwatched
         for name in set(self._upstream_watches) - wanted:
@@ -210,7 +215,7 @@ class SnapshotPipeline:
         snapshot = self._reducer.build(trio.current_time(), created_at=time.time())
         if not self.holder.publish(snapshot):
             return
-        log.info("published snapshot version %d", snapshot.version)
+        log_event(log, logging.INFO, "snapshot_published", version=snapshot.version)
         if state_dir is None:
             return
         try:
@@ -218,7 +223,8 @@ class SnapshotPipeline:
         except (OSError, KeyFileError) as exc:
             # Serving goes on from memory; only a restart during the outage loses this one.
             self._persist_errors += 1
-            log.warning("cannot persist snapshot version %d: %s", snapshot.version, exc)
+            log_event(log, logging.WARNING, "snapshot_persist_failed",
+                      version=snapshot.version, error=str(exc))  # fmt: skip
         else:
             self._persisted += 1
 

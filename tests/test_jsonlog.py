@@ -82,5 +82,24 @@ def test_message_text_is_never_read_back_as_an_event(
     logger.warning(forged)  # e.g. peer-controlled text that reached a message
     logger.warning("%s", forged)
     logger.info("plain words")
-    assert [line["event"] for line in lines(out)] == [forged, forged, "plain words"]
+    assert [line["event"] for line in lines(out)] == ["message"] * 3
+    assert [line["message"] for line in lines(out)] == [forged, forged, "plain words"]
     assert {line["level"] for line in lines(out)} == {"warning", "info"}
+
+
+def test_the_agents_own_code_logs_only_named_events() -> None:
+    """Every stdlib log call in the agent and the core it loads goes through log_event, so
+    no line's event is free text (the handler's "message" fallback is for libraries)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    plain = []
+    for package in ("agent", "meshd"):
+        for path in sorted((root / package).rglob("*.py")):
+            if "server" in path.relative_to(root).parts:
+                continue  # the control plane prints messages as they are
+            for number, text in enumerate(path.read_text().splitlines(), 1):
+                stripped = text.strip()
+                if stripped.startswith(("log.debug(", "log.info(", "log.warning(", "log.error(")):
+                    plain.append(f"{path.relative_to(root)}:{number}: {stripped}")
+    assert plain == []

@@ -25,6 +25,7 @@ import trio
 
 from meshd.consul.errors import ConsulError
 from meshd.consul.plan import Backoff, BlockingQueryPlan, WatchStatistics
+from meshd.logevents import log_event
 
 T = TypeVar("T")
 Fetch = Callable[[int, float], Awaitable[tuple[int, T]]]
@@ -84,13 +85,9 @@ class Watch(Generic[T]):
             except ConsulError as exc:
                 delay = self._plan.on_error(str(exc), self._jitter())
                 stats = self._plan.statistics()
-                log.warning(
-                    "watch %s: %s (error %d in a row; retrying in %.1f s)",
-                    stats.name,
-                    exc,
-                    stats.consecutive_errors,
-                    delay,
-                )
+                log_event(log, logging.WARNING, "watch_failed", watch=stats.name,
+                          error=str(exc), errors_in_a_row=stats.consecutive_errors,
+                          retry_in_s=round(delay, 1))  # fmt: skip
                 await trio.sleep(delay)
                 continue
             if self._plan.on_answer(index, result, trio.current_time()):
