@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import time
@@ -868,3 +869,58 @@ def test_agents_killed_under_load_lose_only_the_connections_they_held(mesh: Mesh
     assert len(tail) >= 10 and all(c["ok"] and c["who"] == "api" for c in tail)
     mesh.wait_passing("api", 1)
     mesh.wait_passing("web", 1)
+
+
+# -- 9. out of file descriptors ------------------------------------------------------------
+FLOOD = """
+import socket, sys, time
+held = []
+deadline = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline and len(held) < int(sys.argv[4]):
+    try:
+        held.append(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1))
+    except OSError:
+        time.sleep(0.01)
+print(len(held), flush=True)
+time.sleep(max(0.0, deadline - time.monotonic()))
+"""
+
+
+def test_an_agent_out_of_file_descriptors_backs_off_and_recovers(mesh: Mesh) -> None:
+    """SECURITY-TESTS E: fd exhaustion on a real agent.
+
+    db's agent gets a descriptor limit 48 above what it uses, then web (as root, so around
+    web's proxy) opens 200 connections into db's inbound proxy and holds them: accept hits
+    EMFILE. The accept loop must back off rather than spin or die, and once the flood is
+    gone the agent serves again without a restart.
+    """
+    web, db = mesh.lab.hosts["web"], mesh.lab.hosts["db"]
+    assert call_until(mesh, "web", db.address, DB_PORT, ok=True).returncode == 0
+    agent = mesh.hosts["db"].agent
+    assert agent is not None
+    pid = agent.pid
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # what the agent inherited
+    # Only the soft limit: raising a hard limit back needs CAP_SYS_RESOURCE.
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 48, hard))
+    try:
+        cpu_before = sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().split()[13:15])
+        started = time.monotonic()
+        flood = web.run([APP_PYTHON, "-c", FLOOD, db.address, str(DB_PORT), "6", "200"], timeout=30)
+        took = time.monotonic() - started
+        cpu = sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().split()[13:15])
+        assert int(flood.stdout.strip()) > 48, flood  # the kernel queued past the limit
+        assert agent.alive(), agent.log()[-3000:]
+        backoffs = agent_events(mesh, "db", "accept_backoff")
+        cpu_s = (cpu - cpu_before) / os.sysconf("SC_CLK_TCK")
+        print(f"fd flood: {flood.stdout.strip()} connections held, {len(backoffs)} accept")
+        print(f"backoffs, {cpu_s:.2f} s of the agent's CPU in {took:.1f} s")
+        assert backoffs, agent.log()[-3000:]
+        # Backing off (0.1 s per EMFILE) is not spinning: well under half a core meanwhile.
+        assert cpu_s < 0.5 * took, (cpu_s, took)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
+    # The flood's connections time out of their TLS handshake; then db serves again.
+    res = call_until(mesh, "web", db.address, DB_PORT, ok=True, timeout_s=30)
+    assert res.returncode == 0 and res.stdout.split()[0] == "db", res
+    assert agent.alive()
