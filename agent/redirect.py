@@ -74,6 +74,8 @@ def _run(argv: list[str], stdin: str | None = None) -> str:
         raise RedirectError(f"{argv[0]} not found: install iptables") from exc
     except subprocess.TimeoutExpired as exc:
         raise RedirectError(f"{' '.join(argv)} did not finish in {_TIMEOUT:.0f} s") from exc
+    except OSError as exc:  # e.g. out of file descriptors or processes: a pipe, a fork
+        raise RedirectError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
     if proc.returncode != 0:
         why = " ".join(proc.stderr.split()) or "no message"
         raise RedirectError(f"{' '.join(argv)} failed (exit {proc.returncode}): {why}")

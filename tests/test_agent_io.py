@@ -139,3 +139,34 @@ async def test_accept_loop_backs_off_on_fd_exhaustion_then_serves() -> None:
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [e["event"] for e in events] == ["accept_backoff"] * 3
     assert trio.current_time() - start >= 0.3  # it waited instead of spinning
+
+
+OUT_OF_FDS = """
+import resource
+from agent import redirect
+resource.setrlimit(resource.RLIMIT_NOFILE, (3, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    redirect.read_rules(4)
+except redirect.RedirectError as exc:
+    print("RedirectError:", exc)
+"""
+
+
+def test_the_rule_driver_reports_a_tool_it_cannot_start_as_a_redirect_error() -> None:
+    # Out of descriptors, subprocess cannot even make its pipe: that OSError must come out
+    # as the driver's own error, which the agent's periodic rule check reports and retries
+    # (an OSError escaping it once ended the whole agent).
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(
+        [sys.executable, "-c", OUT_OF_FDS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "RedirectError: cannot run iptables-save: Too many open files"

@@ -64,7 +64,9 @@ def mesh() -> Iterator[Mesh]:
                 toml.write(f"[redirect]\nexclude_outbound_ports = [{EXCLUDED_PORT}]\n")
                 toml.write('check_interval = "1s"\n')  # the flush test waits for it
             m.add_host("api", [ServiceSpec("api", API_PORT)])
-            m.add_host("db", [ServiceSpec("db", DB_PORT)])
+            db = m.add_host("db", [ServiceSpec("db", DB_PORT)])
+            with (db.dir / "agent.toml").open("a") as toml:  # the fd test needs checks to run
+                toml.write('[redirect]\ncheck_interval = "1s"\n')
             m.add_host("api2", [ServiceSpec("api", API_PORT)])
             m.add_host("api3", [ServiceSpec("api", API_PORT)])
             m.meshctl("intention", "create", "web", "api", "--allow")
@@ -891,8 +893,9 @@ def test_an_agent_out_of_file_descriptors_backs_off_and_recovers(mesh: Mesh) -> 
 
     db's agent gets a descriptor limit 48 above what it uses, then web (as root, so around
     web's proxy) opens 200 connections into db's inbound proxy and holds them: accept hits
-    EMFILE. The accept loop must back off rather than spin or die, and once the flood is
-    gone the agent serves again without a restart.
+    EMFILE. The accept loop must back off rather than spin or die, the periodic rule check
+    must report its failure rather than end the agent (it did, once), and once the flood
+    is gone the agent serves again without a restart.
     """
     web, db = mesh.lab.hosts["web"], mesh.lab.hosts["db"]
     assert call_until(mesh, "web", db.address, DB_PORT, ok=True).returncode == 0
@@ -918,6 +921,9 @@ def test_an_agent_out_of_file_descriptors_backs_off_and_recovers(mesh: Mesh) -> 
         assert backoffs, agent.log()[-3000:]
         # Backing off (0.1 s per EMFILE) is not spinning: well under half a core meanwhile.
         assert cpu_s < 0.5 * took, (cpu_s, took)
+        # The rule check (every second here) met the exhaustion too, and said so.
+        failed = agent_events(mesh, "db", "redirect_check_failed")
+        assert any("Too many open files" in str(e["error"]) for e in failed), failed[-3:]
     finally:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
     # The flood's connections time out of their TLS handshake; then db serves again.
