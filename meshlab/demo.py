@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shlex
 import shutil
 import signal
@@ -160,17 +159,6 @@ def capture(host: Host, pcap: Path, bpf: str) -> Iterator[Path]:
         proc.stop(signal.SIGINT)
 
 
-def access_lines(mesh: Mesh, name: str) -> list[dict[str, Any]]:
-    agent = mesh.hosts[name].agent
-    found = []
-    for raw in (agent.log() if agent else "").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(raw)
-            if isinstance(record, dict) and record.get("event") == "access":
-                found.append(record)
-    return found
-
-
 def wait_access(
     mesh: Mesh, name: str, wanted: Callable[[dict[str, Any]], bool], *, timeout_s: float = 5.0
 ) -> list[dict[str, Any]]:
@@ -182,7 +170,7 @@ def wait_access(
     deadline = time.monotonic() + timeout_s
     found: list[dict[str, Any]] = []
     for _ in range(int(timeout_s / 0.1) + 1):
-        found = [r for r in access_lines(mesh, name) if wanted(r)]
+        found = [r for r in mesh.events(name, "access") if wanted(r)]
         if found or time.monotonic() > deadline:
             break
         time.sleep(0.1)

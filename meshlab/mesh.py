@@ -9,6 +9,7 @@ the agent runs as root and root is the proxy user, whose own traffic is never re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -19,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from meshlab.netns import Host, Lab, Process
 
@@ -215,6 +217,20 @@ class Mesh:
             time.sleep(0.2)
         log = mh.agent.log()[-4000:] if mh.agent else ""
         raise TimeoutError(f"agent on {name}: {path} not ready in {timeout_s}s: {out}\n{log}")
+
+    def events(self, name: str, event: str) -> list[dict[str, Any]]:
+        """The JSON log lines of host *name*'s current agent whose ``event`` is *event*
+        (``"access"``: one per proxied connection)."""
+        agent = self.hosts[name].agent
+        if agent is None:
+            raise RuntimeError(f"no agent was started on {name}")
+        found = []
+        for raw in agent.log().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(raw)
+                if isinstance(record, dict) and record.get("event") == event:
+                    found.append(record)
+        return found
 
     def admin(self, name: str, path: str) -> subprocess.CompletedProcess[str]:
         """GET the agent's admin *path* on host *name* (curl inside the namespace)."""

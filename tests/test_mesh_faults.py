@@ -39,7 +39,6 @@ from meshlab.mesh import (
     holder_pids,
 )
 from meshlab.netns import Host, LabUnavailable, Process, open_lab
-from tests.test_mesh_l4 import access_lines
 
 pytestmark = [pytest.mark.netns, pytest.mark.consul]
 
@@ -308,7 +307,7 @@ def test_outbound_refuses_a_peer_presenting_another_services_certificate(mesh: M
         assert all("secret-for-api" not in r.stdout for r in failed)
         rejected = [
             r
-            for r in access_lines(mesh, "web")
+            for r in mesh.events("web", "access")
             if r["direction"] == "outbound"
             and r["destination"] == "api"
             and r["outcome"] == "upstream_failed"
@@ -373,7 +372,7 @@ def test_strict_refuses_plaintext_and_permissive_forwards_and_counts_it(
         assert admitted - admitted0 >= 1
         anonymous = [
             r
-            for r in access_lines(mesh, "api")
+            for r in mesh.events("api", "access")
             if r["direction"] == "inbound" and r["source"] == "anonymous"
         ]
         assert any(r["outcome"] == "closed" and r["bytes_sent"] == len(payload) for r in anonymous)
@@ -421,7 +420,7 @@ def test_redirect_is_live_exclusions_reach_real_targets_and_restarts_change_no_r
                 assert res.returncode == 0, (address, port, res.stderr)
                 assert res.stdout.split()[0] == f"real{port}", res.stdout
         bypass = {f"{a}:{p}" for a in (api.address, api.address6) for p in (22, EXCLUDED_PORT)}
-        seen = {str(r["destination"]) for r in access_lines(mesh, "web")}
+        seen = {str(r["destination"]) for r in mesh.events("web", "access")}
         # Excluded ports went straight to the real listener: web's proxy never saw them ...
         assert not seen & bypass, seen & bypass
         # ... while the captured port was intercepted (and passed through, allow-any).
@@ -466,19 +465,6 @@ def test_redirect_is_live_exclusions_reach_real_targets_and_restarts_change_no_r
     assert call_until(mesh, "web", api.address, API_PORT, ok=True).returncode == 0
 
 
-def agent_events(mesh: Mesh, host: str, event: str) -> list[dict[str, object]]:
-    """The JSON log events named *event* of *host*'s current agent."""
-    agent = mesh.hosts[host].agent
-    assert agent is not None
-    found = []
-    for line in agent.log().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(line)
-            if isinstance(record, dict) and record.get("event") == event:
-                found.append(record)
-    return found
-
-
 def test_rules_flushed_by_another_tool_are_put_back_and_reported(mesh: Mesh) -> None:
     """SECURITY-TESTS D: rules flushed by another tool are detected and re-applied.
 
@@ -489,20 +475,20 @@ def test_rules_flushed_by_another_tool_are_put_back_and_reported(mesh: Mesh) -> 
     web, api = mesh.lab.hosts["web"], mesh.lab.hosts["api"]
     rules = normalized_rules(web)
     repairs = metric(mesh, "web", "meshd_redirect_repairs_total")
-    seen = len(agent_events(mesh, "web", "redirect_repaired"))
+    seen = len(mesh.events("web", "redirect_repaired"))
     web.run(["iptables", "-t", "nat", "-F", "MESHD_OUTPUT"])
     web.run(["ip6tables", "-t", "nat", "-F", "OUTPUT"])
     assert normalized_rules(web) != rules
     wait_for("the rules to be put back", lambda: normalized_rules(web) == rules, timeout_s=10)
     assert metric(mesh, "web", "meshd_redirect_repairs_total") > repairs
-    events = agent_events(mesh, "web", "redirect_repaired")[seen:]
+    events = mesh.events("web", "redirect_repaired")[seen:]
     problems = [str(p) for e in events for p in e["problems"]]  # type: ignore[attr-defined]
     assert any(p.startswith("IPv4:") for p in problems), events
     assert any(p.startswith("IPv6:") for p in problems), events
     # Intercepted again: the call goes through web's proxy (its access log says so).
-    calls_before = len(access_lines(mesh, "web"))
+    calls_before = len(mesh.events("web", "access"))
     assert call_until(mesh, "web", api.address, API_PORT, ok=True).returncode == 0
-    assert len(access_lines(mesh, "web")) > calls_before
+    assert len(mesh.events("web", "access")) > calls_before
 
 
 def test_cold_start_without_consul_or_cache_refuses_everything(mesh: Mesh) -> None:
@@ -543,7 +529,7 @@ def test_cold_start_without_consul_or_cache_refuses_everything(mesh: Mesh) -> No
         time.sleep(1.5)  # what would have reached the app has, by now
         assert unproxied_or_carrying(app_connections(db_app)[before:]) == []
         assert "cold" not in db_app.log()
-        outcomes = {str(r["outcome"]) for r in access_lines(mesh, "db")}
+        outcomes = {str(r["outcome"]) for r in mesh.events("db", "access")}
         assert {"not_meshed", "no_snapshot"} <= outcomes, outcomes
     finally:
         mesh.lab.restart_consul(db)
@@ -762,7 +748,7 @@ def test_black_holed_endpoint_is_ejected_and_calls_stop_waiting_for_it(mesh: Mes
     assert len(slow) <= 10, (len(slow), len(after), slow[:5])
     ejected = metric(mesh, "web", "meshd_endpoint_ejections_total", destination="api")
     assert ejected - ejections_before >= 1
-    events = agent_events(mesh, "web", "endpoint_ejected")
+    events = mesh.events("web", "endpoint_ejected")
     assert events
     assert {e["endpoint"] for e in events} == {f"{api2.address}:{API_PORT}"}
     assert {e["destination"] for e in events} == {"api"}
@@ -914,7 +900,7 @@ def test_an_agent_out_of_file_descriptors_backs_off_and_recovers(mesh: Mesh) -> 
         cpu = sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().split()[13:15])
         assert int(flood.stdout.strip()) > 48, flood  # the kernel queued past the limit
         assert agent.alive(), agent.log()[-3000:]
-        backoffs = agent_events(mesh, "db", "accept_backoff")
+        backoffs = mesh.events("db", "accept_backoff")
         cpu_s = (cpu - cpu_before) / os.sysconf("SC_CLK_TCK")
         print(f"fd flood: {flood.stdout.strip()} connections held, {len(backoffs)} accept")
         print(f"backoffs, {cpu_s:.2f} s of the agent's CPU in {took:.1f} s")
@@ -922,7 +908,7 @@ def test_an_agent_out_of_file_descriptors_backs_off_and_recovers(mesh: Mesh) -> 
         # Backing off (0.1 s per EMFILE) is not spinning: well under half a core meanwhile.
         assert cpu_s < 0.5 * took, (cpu_s, took)
         # The rule check (every second here) met the exhaustion too, and said so.
-        failed = agent_events(mesh, "db", "redirect_check_failed")
+        failed = mesh.events("db", "redirect_check_failed")
         assert any("Too many open files" in str(e["error"]) for e in failed), failed[-3:]
     finally:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, old)

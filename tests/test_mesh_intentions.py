@@ -177,18 +177,6 @@ def wait_lines(
     raise AssertionError(f"{what} not seen within {timeout_s}s: {proc.log()[-2000:]}")
 
 
-def agent_events(mesh: Mesh, host: str, event: str) -> list[dict[str, Any]]:
-    agent = mesh.hosts[host].agent
-    assert agent is not None
-    found = []
-    for raw in agent.log().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(raw)
-            if isinstance(record, dict) and record.get("event") == event:
-                found.append(record)
-    return found
-
-
 @pytest.fixture
 def baseline(imesh: Mesh) -> Iterator[Mesh]:
     """Reset KV to: web → api allowed, api → db allowed, no mesh config; traffic flowing."""
@@ -284,8 +272,8 @@ def test_deny_refuses_new_connections_within_1s_and_closes_open_ones(baseline: M
     assert next(line for line in closed if line.get("event") == "closed")["how"] != "timeout"
 
     # The api agent says why: the connection was closed by policy, new ones denied.
-    assert agent_events(mesh, "api", "connections_closed_by_policy")
-    inbound = [r for r in agent_events(mesh, "api", "access") if r["direction"] == "inbound"]
+    assert mesh.events("api", "connections_closed_by_policy")
+    inbound = [r for r in mesh.events("api", "access") if r["direction"] == "inbound"]
     assert any(r["outcome"] == "closed_by_policy" and r["source"] == "web" for r in inbound)
     assert any(r["outcome"] == "refused" and "denied" in str(r.get("reason")) for r in inbound)
     got = mesh.meshctl("intention", "get", "web", "api", "--format", "json")
@@ -335,7 +323,7 @@ def test_malformed_document_denies_its_destination_only(baseline: Mesh) -> None:
     assert mesh.meshctl("intention", "check", "api", "db", check=False).returncode == 0
 
     # Loudly: the api agent logs it and counts it in its metrics.
-    assert any(e["destination"] == "api" for e in agent_events(mesh, "api", "invalid_intentions"))
+    assert any(e["destination"] == "api" for e in mesh.events("api", "invalid_intentions"))
     metrics = mesh.wait_admin("api", "/metrics")
     assert 'meshd_config_errors{kind="intentions"} 1.0' in metrics
 
@@ -372,7 +360,7 @@ def test_with_close_denied_off_open_connections_outlive_a_deny(baseline: Mesh) -
         time.sleep(OPEN_CONNECTIONS_BUDGET_S + 1.0)
         assert not [line for line in client_lines(holder) if line.get("event") == "closed"]
         holder.stop()
-        assert not agent_events(mesh, "api", "connections_closed_by_policy")
+        assert not mesh.events("api", "connections_closed_by_policy")
     finally:
         _restart_agent(mesh, "api", close_denied=True)
 
@@ -397,7 +385,7 @@ def _worker_pid(mesh: Mesh, host: str, *, not_: int | None = None, timeout_s: fl
 
 
 def _access(mesh: Mesh, host: str, **match: Any) -> list[dict[str, Any]]:
-    return [e for e in agent_events(mesh, host, "access") if match.items() <= e.items()]
+    return [e for e in mesh.events(host, "access") if match.items() <= e.items()]
 
 
 def _served_by_both(mesh: Mesh, ok: bool, *sides: tuple[str, dict[str, str]]) -> dict[str, int]:
@@ -485,13 +473,13 @@ def test_a_dead_worker_is_replaced_and_workers_leave_with_the_agent(baseline: Me
         second = _worker_pid(mesh, "api", not_=first)
         # What the dead worker carried stays in the host's totals (counters never go down).
         assert _metric_sum(mesh.wait_admin("api", "/metrics"), CONNECTIONS, **labels) >= before
-        assert [e["worker"] for e in agent_events(mesh, "api", "worker_exited")] == [1]
+        assert [e["worker"] for e in mesh.events("api", "worker_exited")] == [1]
         assert wait_outcome(mesh, "web", api.address, API_PORT, ok=True, timeout_s=10)
         # A stuck worker (here: stopped) stops reporting; the agent replaces it.
         os.kill(second, signal.SIGSTOP)
         third = _worker_pid(mesh, "api", not_=second, timeout_s=25)
         assert not Path(f"/proc/{second}").exists()  # killed and reaped, not left stopped
-        reasons = [e["reason"] for e in agent_events(mesh, "api", "worker_exited")]
+        reasons = [e["reason"] for e in mesh.events("api", "worker_exited")]
         assert len(reasons) == 2 and "sent nothing for" in reasons[1], reasons
         assert wait_outcome(mesh, "web", api.address, API_PORT, ok=True, timeout_s=10)
         second = third
@@ -500,10 +488,10 @@ def test_a_dead_worker_is_replaced_and_workers_leave_with_the_agent(baseline: Me
         mh.agent.stop()
         # The agent waits for its workers: none is left behind.
         assert not Path(f"/proc/{second}").exists()
-        assert agent_events(mesh, "api", "worker_stopped")
+        assert mesh.events("api", "worker_stopped")
         # A clean drain: the worker was told, finished, and needed no kill.
-        assert not agent_events(mesh, "api", "worker_link_failed")
-        assert not agent_events(mesh, "api", "worker_killed")
+        assert not mesh.events("api", "worker_link_failed")
+        assert not mesh.events("api", "worker_killed")
     finally:
         _restart_agent(mesh, "api")
 
@@ -543,9 +531,9 @@ def test_workers_drain_with_the_agent_and_ignore_systemds_sigterm(baseline: Mesh
             when = next(line["t"] for line in closed if line.get("event") == "closed")
             assert when - stopped_at >= 2.0, (when - stopped_at, closed)
         assert not Path(f"/proc/{worker}").exists()
-        assert agent_events(mesh, "api", "worker_draining")
-        assert not agent_events(mesh, "api", "worker_killed")
-        assert not agent_events(mesh, "api", "worker_exited")  # drained, not died
+        assert mesh.events("api", "worker_draining")
+        assert not mesh.events("api", "worker_killed")
+        assert not mesh.events("api", "worker_exited")  # drained, not died
     finally:
         for holder in holders:
             holder.stop()

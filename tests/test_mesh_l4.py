@@ -7,7 +7,6 @@ certificates issued by a running meshd server, and a real Consul cluster.
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import subprocess
 import time
@@ -84,19 +83,6 @@ def capture(host: Host, path: Path, bpf: str) -> Iterator[Path]:
     assert b"packets captured" in log.read_bytes(), log.read_text()
 
 
-def access_lines(mesh: Mesh, host: str) -> list[dict[str, object]]:
-    """The agent's JSON access-log lines on *host*."""
-    agent = mesh.hosts[host].agent
-    assert agent is not None
-    lines = []
-    for raw in agent.log().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(raw)
-            if record.get("event") == "access":
-                lines.append(record)
-    return lines
-
-
 def test_app_reaches_remote_service_through_both_proxies_and_only_tls_crosses(
     mesh: Mesh, tmp_path: Path
 ) -> None:
@@ -112,8 +98,8 @@ def test_app_reaches_remote_service_through_both_proxies_and_only_tls_crosses(
     assert len(raw) > 200, "the capture saw no traffic"
     assert MARKER.strip() not in raw  # nothing in clear text on the link
     assert b"\x17\x03\x03" in raw  # TLS application-data records crossed instead
-    outbound = [r for r in access_lines(mesh, "web") if r["direction"] == "outbound"]
-    inbound = [r for r in access_lines(mesh, "api") if r["direction"] == "inbound"]
+    outbound = [r for r in mesh.events("web", "access") if r["direction"] == "outbound"]
+    inbound = [r for r in mesh.events("api", "access") if r["direction"] == "inbound"]
     assert any(r["destination"] == "api" and r["outcome"] == "closed" for r in outbound)
     assert any(r["source"] == "web" and r["destination"] == "api" for r in inbound)
 
@@ -125,5 +111,5 @@ def test_without_an_intention_the_default_deny_refuses(mesh: Mesh) -> None:
     res = call_until(mesh, "api", db.address, DB_PORT, ok=False, timeout_s=3)
     assert res.returncode != 0
     assert "db " not in res.stdout
-    denied = [r for r in access_lines(mesh, "db") if r["direction"] == "inbound"]
+    denied = [r for r in mesh.events("db", "access") if r["direction"] == "inbound"]
     assert any(r["outcome"] == "refused" and "denied" in str(r.get("reason")) for r in denied)
