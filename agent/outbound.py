@@ -210,16 +210,17 @@ async def _dial(
     (on ``meshd/1``) and *first* are sent. Or the reason every attempt failed.
     """
     endpoints = view.snapshot.endpoints(service)
+    now = trio.current_time()
     order: tuple[Endpoint, ...] = deps.balancer.attempt_order(
-        service, endpoints, now=trio.current_time(), key=_endpoint_key
+        service, endpoints, now=now, key=_endpoint_key
     )
     if not order:
         return f"no healthy endpoint for {service}"
     budget = deps.balancer.retries
-    budget.connection(service, trio.current_time())
+    budget.connection(service, now)
     last = ""
     for attempt, endpoint in enumerate(order):
-        key = (endpoint.address, endpoint.port)
+        key = _endpoint_key(endpoint)
         if attempt:
             if not budget.allow_retry(service, trio.current_time()):
                 deps.metrics.retries_refused.labels(service).inc()

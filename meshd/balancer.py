@@ -265,8 +265,9 @@ class RoundRobin:
         ejected: list[T] = []
         for i in range(n):
             endpoint = endpoints[(start + i) % n]
-            if not self.outliers.ejected(ident(endpoint), now):
-                self.outliers.take_trial(ident(endpoint), now)
+            endpoint_key = ident(endpoint)
+            if not self.outliers.ejected(endpoint_key, now):
+                self.outliers.take_trial(endpoint_key, now)
                 usable.append(endpoint)
                 if len(usable) == count:
                     break
