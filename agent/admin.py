@@ -8,6 +8,7 @@ only public material; statistics hold no keys or tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,8 +56,18 @@ def _ready(sources: AdminSources) -> bytes:
 
 
 def _stats(sources: AdminSources) -> bytes:
-    body = json.dumps(sources.stats(), indent=2, sort_keys=True, default=str).encode()
+    body = json.dumps(sources.stats(), indent=2, sort_keys=True, default=_jsonable).encode()
     return _response("200 OK", body + b"\n", "application/json")
+
+
+def _jsonable(value: object) -> object:
+    """A statistics value as JSON: a dataclass as an object of its fields (a field kept out
+    of its repr stays out here too), a set as a sorted list, anything else as its text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.repr}
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    return str(value)
 
 
 def _snapshot(sources: AdminSources) -> bytes:

@@ -26,6 +26,7 @@ from agent.carrier import CarrierError, CarrierUnused, receive_go, speaks_carrie
 from agent.netio import connect_tcp, peek
 from agent.proxycore import (
     ProxyDeps,
+    admit,
     destination_or_reject,
     finish,
     peer_of,
@@ -40,6 +41,7 @@ from agent.tlsconn import (
     handshake,
     send_all_raw,
 )
+from meshd.admission import Ticket
 from meshd.dataplane import DataPlaneView
 from meshd.meshconfig import MTLSMode
 from meshd.peer import PeerRejected, VerifiedPeer
@@ -114,14 +116,35 @@ class OpenConnections:
         return len(self.by_id)
 
 
-async def handle_inbound(deps: ProxyDeps, conns: OpenConnections, conn: socket.socket) -> None:
-    """Serve one connection to a meshed port; owns and always closes *conn*."""
+async def handle_inbound(
+    deps: ProxyDeps,
+    conns: OpenConnections,
+    conn: socket.socket,
+    *,
+    target: tuple[str, int] | None = None,
+) -> None:
+    """Serve one connection to a meshed port; owns and always closes *conn*.
+
+    Admission under ``deps.limits.inbound`` first, then the original destination: read
+    from the redirected socket, or *target* where it is known without iptables (the
+    benchmark and in-process tests).
+    """
     started = trio.current_time()
     client = peer_of(conn)
-    found = destination_or_reject(deps, conn, direction=DIRECTION, client=client, started=started)
-    if found is None:
+    limits = deps.limits.inbound
+    ticket = admit(deps, limits, conn, direction=DIRECTION, client=client)
+    if ticket is None:
         return
-    await serve_inbound(deps, conns, conn, found, client=client, started=started)
+    try:
+        found = target or destination_or_reject(
+            deps, conn, direction=DIRECTION, client=client, started=started
+        )
+        if found is not None:
+            await serve_inbound(
+                deps, conns, conn, found, client=client, started=started, ticket=ticket
+            )
+    finally:
+        limits.release(ticket)
 
 
 async def serve_inbound(
@@ -132,8 +155,13 @@ async def serve_inbound(
     *,
     client: str,
     started: float,
+    ticket: Ticket | None = None,
 ) -> None:
-    """Serve one connection whose original destination is *target*; always closes *conn*."""
+    """Serve one connection whose original destination is *target*; always closes *conn*.
+
+    *ticket*, when the connection was admitted under ``deps.limits.inbound``, is marked
+    verified once the peer's identity is (or plaintext is admitted); the caller releases it.
+    """
     address, port = target
     view = deps.view()
     local = view.snapshot.local_service_on(port) if view is not None else None
@@ -153,6 +181,8 @@ async def serve_inbound(
         _refuse(deps, conn, client, local.name, started, accepted)
         return
     downstream, source = accepted
+    if ticket is not None:
+        deps.limits.inbound.verified(ticket)
     early = b""
     if isinstance(downstream, TLSConnection) and speaks_carrier(downstream):
         used = await _wait_for_use(deps, conns, downstream, port)

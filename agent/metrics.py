@@ -84,6 +84,13 @@ class AgentMetrics:
             ("destination",),
             registry=r,
         )
+        self.connections_refused = Counter(
+            "meshd_connections_refused",
+            "Connections reset on arrival because a connection limit was reached, by"
+            " direction and limit: max_connections, max_unverified_per_source.",
+            ("direction", "limit"),
+            registry=r,
+        )
         self.warm_connections = Counter(
             "meshd_warm_connections",
             "Warm (pre-opened) mTLS connections by outcome: hit, miss, expired, closed_by_peer,"

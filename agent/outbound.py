@@ -24,6 +24,7 @@ from agent.carrier import send_go, speaks_carrier
 from agent.netio import connect_tcp
 from agent.proxycore import (
     ProxyDeps,
+    admit,
     destination_or_reject,
     finish,
     peer_of,
@@ -47,6 +48,19 @@ async def handle_outbound(deps: ProxyDeps, conn: socket.socket) -> None:
     """Serve one intercepted connection; owns and always closes *conn*."""
     started = trio.current_time()
     client = peer_of(conn)
+    limits = deps.limits.outbound
+    ticket = admit(deps, limits, conn, direction=DIRECTION, client=client)
+    if ticket is None:
+        return
+    try:
+        await _serve_outbound(deps, conn, client, started)
+    finally:
+        limits.release(ticket)
+
+
+async def _serve_outbound(
+    deps: ProxyDeps, conn: socket.socket, client: str, started: float
+) -> None:
     found = destination_or_reject(deps, conn, direction=DIRECTION, client=client, started=started)
     if found is None:
         return

@@ -26,6 +26,7 @@ from agent.tlsconn import TLSConnection
 from agent.tlscontexts import TLSContexts
 from agent.tlssessions import SessionCache
 from agent.warmpool import WarmPool
+from meshd.admission import ConnectionLimits, Ticket
 from meshd.balancer import RoundRobin
 from meshd.config.agent import ProxyConfig
 from meshd.dataplane import DataPlaneView
@@ -44,6 +45,22 @@ class ProxyTimeouts:
     # How long the inbound proxy keeps a ``meshd/1`` connection that has not been put to
     # use (a warm connection); above the outbound pool's largest idle_timeout.
     unused: float = 120.0
+
+
+@dataclass(frozen=True)
+class ProxyLimits:
+    """The connection limits of the two proxies (docs/adr/013)."""
+
+    inbound: ConnectionLimits
+    outbound: ConnectionLimits
+
+    @classmethod
+    def of(cls, settings: ProxyConfig) -> ProxyLimits:
+        """The limits under ``[proxy]`` *settings*; only the inbound proxy's are per source."""
+        return cls(
+            inbound=ConnectionLimits(settings.max_connections, settings.max_unverified_per_source),
+            outbound=ConnectionLimits(settings.max_connections),
+        )
 
 
 @dataclass
@@ -66,6 +83,8 @@ class ProxyDeps:
             ``PumpEngine.pump`` of a running epoll engine (``[proxy] engine``).
         warm: the outbound proxy's warm connections (refilled only while its ``serve``
             runs; otherwise every take misses).
+        limits: how many connections each proxy admits (``[proxy] max_connections``,
+            ``max_unverified_per_source``).
     """
 
     view: Callable[[], DataPlaneView | None]
@@ -80,6 +99,7 @@ class ProxyDeps:
     peers: PeerVerifier = field(default_factory=PeerVerifier)
     pump: PumpFunction = pump
     warm: WarmPool = field(default_factory=WarmPool)
+    limits: ProxyLimits = field(default_factory=lambda: ProxyLimits.of(ProxyConfig()))
 
 
 def proxy_deps(
@@ -111,6 +131,7 @@ def proxy_deps(
         on_unknown_destination=on_unknown_destination,
         pump=pump,
         warm=warm,
+        limits=ProxyLimits.of(settings),
     )
 
 
@@ -154,6 +175,35 @@ def refuse(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     sock.close()
+
+
+def admit(
+    deps: ProxyDeps, limits: ConnectionLimits, conn: socket.socket, *, direction: str, client: str
+) -> Ticket | None:
+    """A ticket for *conn* from *client* (``address:port``) under *limits*; None after
+    resetting a connection over a limit.
+
+    Refusals are counted, and logged at most once per limit every 10 s with how many there
+    were: no access-log line each, so that a flood cannot flood the log.
+    """
+    source = client.rpartition(":")[0] or client
+    decision = limits.admit(source, trio.current_time())
+    if isinstance(decision, Ticket):
+        return decision
+    refuse(conn)
+    deps.metrics.connections_refused.labels(direction, decision.limit).inc()
+    if decision.report:
+        where = {"source": source} if decision.limit == "max_unverified_per_source" else {}
+        deps.log.event(
+            "connection_limit_reached",
+            level="warning",
+            direction=direction,
+            limit=decision.limit,
+            value=getattr(limits, decision.limit),
+            refused=decision.report,
+            **where,
+        )
+    return None
 
 
 def reject(deps: ProxyDeps, conn: socket.socket, **record: Any) -> None:

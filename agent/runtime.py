@@ -38,7 +38,7 @@ from agent.inbound import OpenConnections, handle_inbound
 from agent.listener import inherited_sockets, open_listener, start_accept_loops
 from agent.metrics import AgentMetrics
 from agent.outbound import handle_outbound
-from agent.proxycore import ProxyDeps, proxy_deps
+from agent.proxycore import ProxyDeps, ProxyLimits, proxy_deps
 from agent.registration import Registrar, serve_registration
 from agent.signclient import Endpoint
 from agent.snapshots import SnapshotPipeline, local_services_from_config, serve_snapshots
@@ -176,7 +176,7 @@ async def serve_agent(
             )
         admin_port = await background.start(
             serve_admin,
-            _admin_sources(metrics, pipeline, registrar, resolver, conns, workers),
+            _admin_sources(metrics, pipeline, registrar, resolver, conns, workers, deps.limits),
             "127.0.0.1",
             cfg.proxy.admin_port,
         )
@@ -314,6 +314,7 @@ def _admin_sources(
     resolver: DestinationResolver,
     conns: OpenConnections,
     workers: WorkerPool | None,
+    limits: ProxyLimits,
 ) -> AdminSources:
     def stats() -> dict[str, Any]:
         workers_open = (
@@ -325,6 +326,11 @@ def _admin_sources(
             "discovery": resolver.statistics(),
             "open_inbound_connections": len(conns) + workers_open,
             "workers": [] if workers is None else workers.statistics(),
+            # This process's; each worker has its own (``[proxy] workers``).
+            "connection_limits": {
+                "inbound": limits.inbound.statistics(),
+                "outbound": limits.outbound.statistics(),
+            },
         }
 
     def snapshot_json() -> bytes | None:

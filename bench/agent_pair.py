@@ -5,7 +5,7 @@
 
 ``ROLE`` is ``outbound`` (plaintext in on PORT, mTLS out to TARGET) or ``inbound`` (mTLS in
 on PORT, plaintext out to TARGET). Both run ``agent.outbound._to_mesh_service`` /
-``agent.inbound.serve_inbound`` with SPIFFE SVIDs from ``meshd.pki`` (:func:`write_pki`),
+``agent.inbound.handle_inbound`` with SPIFFE SVIDs from ``meshd.pki`` (:func:`write_pki`),
 contexts from ``agent.tlscontexts``, peer verification, intentions (web → api allowed),
 the access log and the chosen pump engine. Only the original-destination lookup (iptables)
 is left out: the outbound proxy is told the destination service, the inbound proxy the port.
@@ -131,7 +131,6 @@ async def serve_meshd(
             return super().verify(*args, **kwargs)
 
     from agent.listener import open_listener, serve_accept_loop
-    from agent.proxycore import peer_of
     from agent.warmpool import WarmPool
 
     bundle_raw = (certdir / "bundle.json").read_bytes()
@@ -202,9 +201,7 @@ async def serve_meshd(
         if role == "outbound":
             await outbound._to_mesh_service(deps, view, sock, "api", started)
             return
-        client = peer_of(sock)
-        await inbound.serve_inbound(deps, conns, sock, ("127.0.0.1", target), client=client,
-                                    started=started)  # fmt: skip
+        await inbound.handle_inbound(deps, conns, sock, target=("127.0.0.1", target))
 
     # The agent's own listener and accept loop; or a listening socket shared with the other
     # processes of this side (opened by the launcher, like the agent's workers get theirs).

@@ -12,7 +12,7 @@ medians reported:
 * ``direct``: the generator talks to the upstream.
 * ``consul``: a ``consul connect proxy`` pair on a private ``consul agent -dev`` (optional).
 * ``meshd-full``: the agent's own proxy handlers (``agent.outbound._to_mesh_service`` and
-  ``agent.inbound.serve_inbound``: SPIFFE SVIDs from ``meshd.pki``, contexts from
+  ``agent.inbound.handle_inbound``: SPIFFE SVIDs from ``meshd.pki``, contexts from
   ``agent.tlscontexts``, peer verification, intentions, access log, pump) with session
   resumption and the verifier's memory switched off: a full mTLS handshake and a full
   verification on both sides for every connection (the behaviour before ADR 008).

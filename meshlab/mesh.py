@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,14 +132,23 @@ class Mesh:
         self.wait_passing("meshd", 1, timeout_s=30)
 
     # -- hosts ---------------------------------------------------------------------
-    def add_host(self, name: str, services: Sequence[ServiceSpec]) -> MeshHost:
-        """Write *name*'s agent.toml, services.d/ and bootstrap token (nothing started)."""
+    def add_host(
+        self,
+        name: str,
+        services: Sequence[ServiceSpec],
+        *,
+        proxy: Mapping[str, str | int] | None = None,
+    ) -> MeshHost:
+        """Write *name*'s agent.toml, services.d/ and bootstrap token (nothing started).
+
+        *proxy*: more ``[proxy]`` settings for this host's agent.toml.
+        """
         host = self.lab.hosts[name]
         hdir = self.workdir / name
         (hdir / "services.d").mkdir(parents=True, exist_ok=True)
         mh = MeshHost(host, hdir, tuple(services))
         self.hosts[name] = mh
-        self._write_agent_files(mh)
+        self._write_agent_files(mh, proxy or {})
         if services:
             args = ["token", "create", "--host", name, "--ttl", "1h"]
             for spec in services:
@@ -147,8 +156,9 @@ class Mesh:
             self.meshctl(*args, "--output", str(hdir / "bootstrap.token"))
         return mh
 
-    def _write_agent_files(self, mh: MeshHost) -> None:
+    def _write_agent_files(self, mh: MeshHost, proxy: Mapping[str, str | int]) -> None:
         hdir = mh.dir
+        extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in proxy.items())
         (hdir / "agent.toml").write_text(
             f'[agent]\nnode_name = "{mh.host.name}"\ndatacenter = "dc1"\n'
             f'state_dir = "{hdir / "state"}"\nservices_dir = "{hdir / "services.d"}"\n'
@@ -156,6 +166,7 @@ class Mesh:
             '[consul]\naddress = "http://127.0.0.1:8500"\n'
             f'[meshd]\naddresses = ["https://{self.lab.server_address}:{MESHD_PORT}"]\n'
             '[proxy]\nuser = "root"\ndrain_timeout = "10s"\n'
+            f"{extra}"
             '[log]\nlevel = "info"\n'
         )
         for spec in mh.services:

@@ -46,6 +46,7 @@ WEB_PORT, API_PORT, DB_PORT = 8080, 9090, 5432
 EXCLUDED_PORT = 7070  # in web's [redirect] exclude_outbound_ports
 CAPTURED_PORT = 7071  # not excluded: web's outbound proxy passes it through (allow-any)
 TCPLOAD = REPO / "meshlab" / "apps" / "tcpload.py"
+API_LIMITS = {"max_connections": 100, "max_unverified_per_source": 40}
 LOOPBACK = ("127.0.0.1", "::1")  # the inbound proxy and Consul's tcp checks dial from here
 
 # A client that runs as whoever starts it (root = the proxy user: never redirected).
@@ -62,7 +63,9 @@ def mesh() -> Iterator[Mesh]:
             with (web.dir / "agent.toml").open("a") as toml:
                 toml.write(f"[redirect]\nexclude_outbound_ports = [{EXCLUDED_PORT}]\n")
                 toml.write('check_interval = "1s"\n')  # the flush test waits for it
-            m.add_host("api", [ServiceSpec("api", API_PORT)])
+            # Small connection limits, so that two flooding hosts would fill max_connections
+            # were it not for the per-source limit (the flood test).
+            m.add_host("api", [ServiceSpec("api", API_PORT)], proxy=API_LIMITS)
             db = m.add_host("db", [ServiceSpec("db", DB_PORT)])
             with (db.dir / "agent.toml").open("a") as toml:  # the fd test needs checks to run
                 toml.write('[redirect]\ncheck_interval = "1s"\n')
@@ -916,3 +919,109 @@ def test_an_agent_out_of_file_descriptors_backs_off_and_recovers(mesh: Mesh) -> 
     res = call_until(mesh, "web", db.address, DB_PORT, ok=True, timeout_s=30)
     assert res.returncode == 0 and res.stdout.split()[0] == "db", res
     assert agent.alive()
+
+
+# -- 11. a connection flood (docs/adr/013) ------------------------------------------------
+FLOOD_AND_COUNT = """
+import json, socket, sys, time
+address, port, want, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+held, opened, reset, failed, first = [], 0, 0, 0, None
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:  # keep *want* open: whatever is reset is opened again
+    while len(held) < want and failed < 1000:
+        try:
+            sock = socket.create_connection((address, port), timeout=1)
+        except OSError:
+            failed += 1
+            break
+        sock.setblocking(False)
+        held.append(sock)
+        opened += 1
+    time.sleep(0.05)
+    alive = []
+    for sock in held:
+        try:
+            sock.recv(1, socket.MSG_PEEK)  # data or EOF: closed, not held
+        except BlockingIOError:
+            alive.append(sock)
+            continue
+        except ConnectionResetError:
+            reset += 1
+        sock.close()
+    held = alive
+    if first is None:
+        first = {"held": len(held), "reset": reset}
+        print(json.dumps(first), flush=True)
+print(json.dumps({"opened": opened, "reset": reset, "failed": failed, "held": len(held)}))
+"""
+
+
+def p50_max(durations: list[float]) -> str:
+    return f"{1000 * durations[len(durations) // 2]:.0f}/{1000 * durations[-1]:.0f} ms"
+
+
+def test_a_connection_flood_from_two_hosts_leaves_honest_calls_alone(mesh: Mesh) -> None:
+    """SECURITY-TESTS E, connection flood, with honest traffic measured.
+
+    api's agent admits 100 connections, 40 of them unverified per source (``API_LIMITS``).
+    For 8 s, api2's and api3's hosts (no agent involved: root is never redirected) each
+    keep 70 silent connections open into api's inbound proxy, opening again every 50 ms
+    whatever was reset, while web calls api at a constant rate. Each flooding host holds
+    40 and has the rest reset on arrival; web's calls all go through, as fast as before.
+    Without the per-source limit the flood would hold all 100 and take every slot an
+    honest connection frees: web's calls would fail.
+    """
+    api = mesh.lab.hosts["api"]
+    mesh.wait_passing("api", 1)
+    assert call_until(mesh, "web", api.address, API_PORT, ok=True).returncode == 0
+    limit, want = API_LIMITS["max_unverified_per_source"], 70
+    refused_before = metric(mesh, "api", "meshd_connections_refused_total", direction="inbound")
+    with load(mesh, "web", api.address, API_PORT, duration_s=14) as proc:
+        time.sleep(3)  # calls before the flood
+        flood_start = time.monotonic()
+        argv = [APP_PYTHON, "-c", FLOOD_AND_COUNT, api.address, str(API_PORT), str(want), "8"]
+        floods = [mesh.lab.hosts[name].spawn("flood", argv) for name in ("api2", "api3")]
+        try:
+            wait_for(
+                "the floods' first round",
+                lambda: all(f.log().startswith("{") for f in floods),
+                detail=lambda: [f.log()[-2000:] for f in floods],
+            )
+            first = [json.loads(f.log().splitlines()[0]) for f in floods]
+            stats = json.loads(mesh.admin("api", "/stats").stdout)["connection_limits"]["inbound"]
+        finally:
+            for flood in floods:
+                flood.popen.wait(timeout=30)
+        flood_s = time.monotonic() - flood_start
+        summary = finished(proc, timeout_s=30)
+    ends = [json.loads(f.log().splitlines()[-1]) for f in floods]
+    records, failures, _ = reported(proc, "honest calls during a connection flood")
+    print(f"flood: first round {first}, in all {ends}; api's inbound meanwhile: {stats}")
+    # Each source got its quota and no more, for the whole flood.
+    assert first == [{"held": limit, "reset": want - limit}] * 2
+    for end in ends:
+        # (A few of the flood's own connects may time out: ~1000 resets/s fill queues.)
+        assert end["held"] == limit and end["opened"] - end["reset"] == limit, ends
+    assert stats["unverified"] == 2 * limit and stats["unverified_sources"] == 2, stats
+    refused = metric(mesh, "api", "meshd_connections_refused_total", direction="inbound")
+    # Every reset the flood saw was counted (a connect that failed may have been one too).
+    resets, failed = sum(end["reset"] for end in ends), sum(end["failed"] for end in ends)
+    assert resets <= refused - refused_before <= resets + failed
+    named = {e["source"] for e in mesh.events("api", "connection_limit_reached")}
+    assert {mesh.lab.hosts["api2"].address, mesh.lab.hosts["api3"].address} <= named, named
+    # Honest traffic: nothing failed, and the calls made during the flood took no longer
+    # than a call takes (a refused or queued one would show here).
+    assert failures == [] and summary["calls"] == len(records) >= 5 * 14 * 0.9
+    during = sorted(float(str(c["s"])) for c in records if 3 <= float(str(c["t"])) <= 3 + flood_s)
+    outside = sorted(float(str(c["s"])) for c in records if float(str(c["t"])) < 3)
+    print(f"honest call duration p50/max: before the flood {p50_max(outside)},", end=" ")
+    print(f"during it {p50_max(during)} ({len(during)} calls)")
+    assert len(during) >= 30 and during[-1] < 1.0, during
+    # The flood's connections are all given back once its hosts close them.
+    wait_for(
+        "api's inbound to hold no unverified connection",
+        lambda: json.loads(mesh.admin("api", "/stats").stdout)["connection_limits"]["inbound"][
+            "unverified"
+        ]
+        == 0,
+    )

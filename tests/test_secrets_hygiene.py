@@ -28,7 +28,7 @@ import stat
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,8 +89,8 @@ class HygieneMesh(Mesh):
         )
         self.wait_passing("meshd", 1, timeout_s=30)
 
-    def _write_agent_files(self, mh: MeshHost) -> None:
-        super()._write_agent_files(mh)
+    def _write_agent_files(self, mh: MeshHost, proxy: Mapping[str, str | int]) -> None:
+        super()._write_agent_files(mh, proxy)
         toml = mh.dir / "agent.toml"
         text = toml.read_text()
         consul = '[consul]\naddress = "http://127.0.0.1:8500"\n'

@@ -2,7 +2,7 @@
 
 Real sockets on loopback, real mTLS with SVIDs from our CA, and the agent's own handlers:
 an application client → ``outbound._to_mesh_service`` (with its :class:`WarmPool` serving)
-→ ``inbound.serve_inbound`` → a real application server that counts the connections it
+→ ``inbound.handle_inbound`` → a real application server that counts the connections it
 is given. Only the original-destination lookup (iptables) is left out.
 """
 
@@ -175,9 +175,7 @@ async def running(
         api.deps.view = lambda: mesh.api_view
 
         async def serve_in(sock: socket.socket) -> None:
-            await inbound.serve_inbound(
-                api.deps, mesh.conns, sock, ("127.0.0.1", app.port), client="?", started=0.0
-            )
+            await inbound.handle_inbound(api.deps, mesh.conns, sock, target=("127.0.0.1", app.port))
 
         mesh.inbound_port = await _listen(serve_in, nursery)
         view = web_view(web, mesh.inbound_port)

@@ -81,6 +81,11 @@ class ProxyConfig:
         workers: processes that run the proxies on the same listening sockets: the agent
             and ``workers - 1`` data-path workers (docs/adr/011). Each is one more core
             for the data path and ~40 MB more memory.
+        max_connections: connections each proxy holds at once, per process, from accept
+            to close; the next is reset (docs/adr/013).
+        max_unverified_per_source: connections into the inbound proxy from one source
+            address that have not yet shown a verified identity, per process; the next
+            from that source is reset (docs/adr/013).
     """
 
     outbound_port: int = 15001
@@ -95,6 +100,8 @@ class ProxyConfig:
     warm_connections: int = 2
     warm_idle_timeout: float = 30.0
     workers: int = 1
+    max_connections: int = 10_000
+    max_unverified_per_source: int = 1_000
 
 
 @dataclass(frozen=True)
@@ -206,13 +213,15 @@ def _node(table: Table) -> NodeConfig:
 
 
 WARM = ("warm_connections", "warm_idle_timeout")
+LIMITS = ("max_connections", "max_unverified_per_source")
 MAX_WORKERS = 64
+MAX_CONNECTIONS = 1_000_000
 
 
 def _proxy(table: Table) -> ProxyConfig:
     ports = ("outbound_port", "inbound_port", "admin_port")
     timeouts = ("idle_timeout", "connect_timeout", "drain_timeout")
-    table.only(*ports, "user", *timeouts, "engine", "close_denied", *WARM, "workers")
+    table.only(*ports, "user", *timeouts, "engine", "close_denied", *WARM, "workers", *LIMITS)
     d = ProxyConfig()
     config = ProxyConfig(
         outbound_port=table.get("outbound_port", fields.port, d.outbound_port),
@@ -230,7 +239,21 @@ def _proxy(table: Table) -> ProxyConfig:
             "warm_idle_timeout", fields.duration(1, 60), d.warm_idle_timeout
         ),
         workers=table.get("workers", fields.integer(1, MAX_WORKERS), d.workers),
+        max_connections=table.get(
+            "max_connections", fields.integer(1, MAX_CONNECTIONS), d.max_connections
+        ),
+        max_unverified_per_source=table.get(
+            "max_unverified_per_source",
+            fields.integer(1, MAX_CONNECTIONS),
+            d.max_unverified_per_source,
+        ),
     )
+    if config.max_unverified_per_source > config.max_connections:
+        raise table.error(
+            "max_unverified_per_source",
+            f"above {table.key('max_connections')} ({config.max_connections}): it could never"
+            " apply",
+        )
     # The three listeners share the host's port space: a clash would fail at bind time,
     # far from the line that caused it.
     for index, name in enumerate(ports):
