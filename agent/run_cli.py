@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from agent import redirect
 from agent.accesslog import JsonLog, install_json_logging
 from agent.certifier import endpoints_from_addresses
 from agent.runtime import AgentHandle, AgentOptions, serve_agent
-from agent.setup import proxy_uid, redirect_spec
+from agent.setup import proxy_uid, redirect_spec, require_running_as
 from meshd.config import load_agent_config, load_service_dir
 from meshd.consul import ConsulSettings, open_consul
 from meshd.redirect_spec import RedirectSpec
@@ -33,7 +34,10 @@ def run_cmd(config_path: Path) -> None:
     services = load_service_dir(Path(config.agent.services_dir), missing_ok=True)
     settings = ConsulSettings.from_config(config.consul, file=str(config_path))
     uid = proxy_uid(config, str(config_path))
-    spec = redirect_spec(config, services, uid) if config.redirect.enabled else None
+    spec = None
+    if config.redirect.enabled:
+        require_running_as(uid, str(config_path), euid=os.geteuid())
+        spec = redirect_spec(config, services, uid)
     log = JsonLog(level=config.log.level)
     install_json_logging(log, config.log.level)
     options = AgentOptions(

@@ -25,6 +25,26 @@ def proxy_uid(config: AgentConfig, file: str) -> int:
         raise ConfigError(file, "proxy.user", f"no such user {user!r} on this host") from None
 
 
+def require_running_as(uid: int, file: str, *, euid: int) -> None:
+    """Refuse to intercept unless the agent runs as ``proxy.user``.
+
+    The redirect rules exempt only *uid*'s connections. Run as anyone else, the proxies'
+    own upstream dials would be captured by the rules and loop back into the outbound
+    proxy, one new connection per turn, until the process runs out of descriptors.
+
+    Raises:
+        ConfigError: *euid* (the agent's effective uid) is not *uid*; names the key.
+    """
+    if euid != uid:
+        raise ConfigError(
+            file,
+            "proxy.user",
+            f"is uid {uid}, but the agent runs as uid {euid}: the redirect rules exempt only"
+            " proxy.user's connections, so the proxies' own would be captured and loop back"
+            " into them; run the agent as that user, or set proxy.user to the one it runs as",
+        )
+
+
 def redirect_spec(config: AgentConfig, services: Iterable[ServiceConfig], uid: int) -> RedirectSpec:
     """The interception rules this configuration asks for."""
     r = config.redirect

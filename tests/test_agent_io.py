@@ -1,20 +1,28 @@
-"""The agent's small I/O parts: admin endpoint, sd_notify, socket activation, accept loop."""
+"""The agent's small I/O parts: admin endpoint, sd_notify, socket activation, accept loop,
+the rule driver and the proxy-user check."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from agent.accesslog import JsonLog
 from agent.admin import AdminSources, route, serve_admin
 from agent.listener import inherited_sockets, open_listener, serve_accept_loop
 from agent.metrics import AgentMetrics
+from agent.setup import require_running_as
+from meshd.admission import ConnectionLimits
+from meshd.config import ConfigError
 from meshd.sdnotify import notify, watchdog_interval_s
 
 
@@ -170,3 +178,50 @@ def test_the_rule_driver_reports_a_tool_it_cannot_start_as_a_redirect_error() ->
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "RedirectError: cannot run iptables-save: Too many open files"
+
+
+def test_stats_are_json_objects_and_fields_kept_out_of_repr_stay_out() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        count: int
+        secret: str = dataclasses.field(default="s3cret", repr=False)
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        inner: Inner
+        names: frozenset[str]
+
+    stats = {"x": Outer(Inner(3), frozenset({"b", "a"})), "limits": ConnectionLimits(5)}
+    admin = AdminSources(
+        metrics=AgentMetrics(), ready=lambda: True, stats=lambda: stats, snapshot_json=lambda: b""
+    )
+    body = route(admin, "GET", "/stats").split(b"\r\n\r\n", 1)[1]
+    assert b"s3cret" not in body
+    parsed = json.loads(body)
+    assert parsed["x"] == {"inner": {"count": 3}, "names": ["a", "b"]}
+    assert parsed["limits"]["max_connections"] == 5  # a plain object, not its repr
+
+
+def test_the_agent_refuses_to_intercept_unless_it_runs_as_the_proxy_user(tmp_path: Path) -> None:
+    """Run as another uid, the proxies' own dials would be captured and loop: the agent
+    says so in one line and exits before touching Consul or iptables."""
+    with pytest.raises(ConfigError, match=r"proxy\.user: is uid 65534, but the agent runs as"):
+        require_running_as(65534, "agent.toml", euid=0)
+    require_running_as(0, "agent.toml", euid=0)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[agent]\nnode_name = "n1"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'services_dir = "{tmp_path / "services.d"}"\n[proxy]\nuser = "65534"\n'
+        '[consul]\naddress = "http://127.0.0.1:9"\n'
+    )
+    agent = Path(sys.executable).parent / "meshd-agent"
+    run = subprocess.run(
+        [str(agent), "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    assert f"{config}: proxy.user: is uid 65534, but the agent runs as uid" in run.stderr
+    assert not (tmp_path / "state").exists()  # nothing was started
