@@ -14,6 +14,7 @@ dials it directly (the proxy's own uid is excluded from redirection, so this is 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import socket
 import ssl
@@ -40,6 +41,11 @@ from meshd.peer import PeerRejected
 from meshd.snapshot import Endpoint
 
 DIRECTION = "outbound"
+# A connect that fails with these says this host is out of descriptors, buffers, memory or
+# source ports: it counts against no endpoint (outlier ejection, ADR 012).
+LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
 TICKET_WAIT_S = 0.5
 FIRST_READ = 16384  # one TLS record's worth
 
@@ -343,28 +349,42 @@ def _endpoint_key(endpoint: Endpoint) -> EndpointKey:
 
 async def _connect(deps: ProxyDeps, service: str, endpoint: Endpoint) -> socket.socket | str:
     """TCP to *endpoint*, the outcome told to the balancer's outlier ejection (what the
-    connect of a warm connection finds counts too); the reason on failure."""
+    connect of a warm connection finds counts too, what this host lacks does not); the
+    reason on failure."""
     key = _endpoint_key(endpoint)
-    outliers = deps.balancer.outliers
     try:
         sock = await connect_tcp(endpoint.address, endpoint.port, timeout=deps.timeouts.connect)
     except (OSError, trio.TooSlowError) as exc:
-        reason = f"connect {endpoint.address}:{endpoint.port}: {exc or 'timed out'}"
-        ejection = outliers.failed(key, trio.current_time())
-        if ejection is not None:
-            deps.metrics.endpoint_ejections.labels(service).inc()
-            deps.log.event(
-                "endpoint_ejected",
-                level="warning",
-                destination=service,
-                endpoint=f"{endpoint.address}:{endpoint.port}",
-                seconds=ejection.seconds,
-                failures=ejection.failures,
-                reason=reason,
-            )
-        return reason
-    outliers.succeeded(key)
+        if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
+            # This host ran out of something: it says nothing about the endpoint.
+            return f"connect {endpoint.address}:{endpoint.port}: {exc.strerror} (on this host)"
+        return _connect_failed(deps, service, endpoint, key, exc)
+    deps.balancer.outliers.succeeded(key)
     return sock
+
+
+def _connect_failed(
+    deps: ProxyDeps,
+    service: str,
+    endpoint: Endpoint,
+    key: EndpointKey,
+    exc: OSError | trio.TooSlowError,
+) -> str:
+    """Tell outlier ejection that *endpoint* failed a connect; the reason."""
+    reason = f"connect {endpoint.address}:{endpoint.port}: {exc or 'timed out'}"
+    ejection = deps.balancer.outliers.failed(key, trio.current_time())
+    if ejection is not None:
+        deps.metrics.endpoint_ejections.labels(service).inc()
+        deps.log.event(
+            "endpoint_ejected",
+            level="warning",
+            destination=service,
+            endpoint=f"{endpoint.address}:{endpoint.port}",
+            seconds=ejection.seconds,
+            failures=ejection.failures,
+            reason=reason,
+        )
+    return reason
 
 
 async def _secure(

@@ -8,8 +8,12 @@ inbound proxy in front of an application, so a dial that gets through ends verif
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -91,3 +95,37 @@ async def test_retries_still_reach_a_live_endpoint_and_the_dead_ones_are_ejected
         assert counter(web, "endpoint_ejections") == 2
         assert counter(web, "connect_retries") <= 4
         assert counter(web, "retries_refused") == 0
+
+
+@contextlib.contextmanager
+def out_of_descriptors() -> Iterator[None]:
+    """This process can open no new descriptor (a real ``EMFILE``) until the block ends."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)  # every number below it is in use
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_host_out_of_descriptors_ejects_no_endpoint(
+    mesh_ca: MeshCa, tmp_path: Path
+) -> None:
+    """EMFILE on the outbound connect is this host's problem: every attempt fails, but no
+    endpoint is blamed (ejected), and once descriptors are back the same endpoint serves."""
+    async with running(mesh_ca, tmp_path, per_endpoint=0) as mesh:
+        web = mesh.web
+        view = view_with(web, [mesh.inbound_port, refused_port()])
+        ctx = web.client_ctx()
+        with out_of_descriptors():
+            results = [await outbound._dial(web.deps, view, "api", ctx, b"") for _ in range(5)]
+        assert all(isinstance(r, str) and "(on this host)" in r for r in results), results
+        assert "Too many open files" in str(results[0])
+        assert counter(web, "endpoint_ejections") == 0
+        assert web.deps.balancer.outliers.ejected_now(trio.current_time()) == []
+        with trio.fail_after(10):
+            conn = await outbound._dial(web.deps, view, "api", ctx, b"")
+        assert not isinstance(conn, str), conn
+        conn.abort()
