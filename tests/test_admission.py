@@ -322,3 +322,11 @@ async def test_a_flooding_source_leaves_an_honest_peer_its_connections(
 def test_limits_are_validated(text: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         parse_agent_config(f"[proxy]\n{text}\n")
+
+
+def test_the_per_source_default_follows_a_lower_max_connections() -> None:
+    """Setting only max_connections below the per-source default is not an error."""
+    low = parse_agent_config("[proxy]\nmax_connections = 300\n").proxy
+    assert (low.max_connections, low.max_unverified_per_source) == (300, 300)
+    default = parse_agent_config("").proxy
+    assert (default.max_connections, default.max_unverified_per_source) == (10_000, 1_000)

@@ -223,6 +223,7 @@ def _proxy(table: Table) -> ProxyConfig:
     timeouts = ("idle_timeout", "connect_timeout", "drain_timeout")
     table.only(*ports, "user", *timeouts, "engine", "close_denied", *WARM, "workers", *LIMITS)
     d = ProxyConfig()
+    max_connections, per_source = _connection_limits(table, d)
     config = ProxyConfig(
         outbound_port=table.get("outbound_port", fields.port, d.outbound_port),
         inbound_port=table.get("inbound_port", fields.port, d.inbound_port),
@@ -239,21 +240,9 @@ def _proxy(table: Table) -> ProxyConfig:
             "warm_idle_timeout", fields.duration(1, 60), d.warm_idle_timeout
         ),
         workers=table.get("workers", fields.integer(1, MAX_WORKERS), d.workers),
-        max_connections=table.get(
-            "max_connections", fields.integer(1, MAX_CONNECTIONS), d.max_connections
-        ),
-        max_unverified_per_source=table.get(
-            "max_unverified_per_source",
-            fields.integer(1, MAX_CONNECTIONS),
-            d.max_unverified_per_source,
-        ),
+        max_connections=max_connections,
+        max_unverified_per_source=per_source,
     )
-    if config.max_unverified_per_source > config.max_connections:
-        raise table.error(
-            "max_unverified_per_source",
-            f"above {table.key('max_connections')} ({config.max_connections}): it could never"
-            " apply",
-        )
     # The three listeners share the host's port space: a clash would fail at bind time,
     # far from the line that caused it.
     for index, name in enumerate(ports):
@@ -262,6 +251,22 @@ def _proxy(table: Table) -> ProxyConfig:
                 value = getattr(config, name)
                 raise table.error(name, f"same port as {table.key(earlier)} ({value})")
     return config
+
+
+def _connection_limits(table: Table, d: ProxyConfig) -> tuple[int, int]:
+    """``max_connections`` and ``max_unverified_per_source``; the latter's default follows
+    a lower ``max_connections`` down, a value set above it is an error."""
+    count = fields.integer(1, MAX_CONNECTIONS)
+    max_connections = table.get("max_connections", count, d.max_connections)
+    if "max_unverified_per_source" not in table.data:
+        return max_connections, min(d.max_unverified_per_source, max_connections)
+    per_source = table.require("max_unverified_per_source", count)
+    if per_source > max_connections:
+        raise table.error(
+            "max_unverified_per_source",
+            f"above {table.key('max_connections')} ({max_connections}): it could never apply",
+        )
+    return max_connections, per_source
 
 
 def _sorted_unique_networks(value: object) -> tuple[fields.Network, ...]:

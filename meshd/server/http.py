@@ -202,8 +202,8 @@ async def _read_request(
             raise _BadRequest(exc.error_status_hint, "malformed HTTP request") from None
         if event is h11.NEED_DATA:
             # h11 bounds only what it holds of an *incomplete* head: a whole head that came
-            # in one read would pass at any size. Reading at most one byte past the limit
-            # before the head is complete makes the limit exact.
+            # in one read would pass though larger than the limit. Reading at most one byte
+            # past the limit before the head is complete makes the limit exact.
             room = _RECEIVE_BYTES if head is not None else MAX_HEADER_BYTES + 1 - fed
             data = bytes(await tls.receive_some(min(_RECEIVE_BYTES, room)))
             fed += len(data)
