@@ -35,14 +35,15 @@ from meshd.consul import (
     ServiceRegistration,
 )
 from meshd.logevents import log_event
+from meshd.registry import (
+    AGENT_SERVICE,
+    META_METRICS_PORT,
+    META_PROTOCOL,
+    META_PROXY_PORT,
+    META_VERSION,
+)
 
 log = logging.getLogger("meshd.agent.registration")
-
-AGENT_SERVICE = "meshd-agent"
-META_VERSION = "meshd"
-META_PROXY_PORT = "meshd-proxy-port"
-META_PROTOCOL = "meshd-protocol"
-META_METRICS_PORT = "meshd-metrics-port"
 
 
 def _host_port(host: str, port: int) -> str:

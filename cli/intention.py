@@ -8,13 +8,13 @@ overwrite each other. ``check`` and ``match`` compile the live documents with th
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 import click
 import trio
 
 from cli.intention_kv import load_policy, read_document, update_document
+from cli.output import table
 from meshd.consul import ConsulSettings, open_consul
 from meshd.intentions import (
     DEFAULT_PREFIX,
@@ -68,14 +68,6 @@ def _settings() -> ConsulSettings:
 
 
 # -- output ------------------------------------------------------------------------------------
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    lines = []
-    for row in (header, *rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    return "\n".join(lines)
 
 
 def _action_text(rule: MatchedIntention) -> str:
@@ -280,7 +272,7 @@ def list_(destination: str | None, prefix: str, fmt: str) -> None:
     rows = [
         [r.source, r.destination, _action_text(r), str(r.precedence), r.description] for r in rules
     ]
-    click.echo(_table(["SOURCE", "DESTINATION", "ACTION", "PRECEDENCE", "DESCRIPTION"], rows))
+    click.echo(table(["SOURCE", "DESTINATION", "ACTION", "PRECEDENCE", "DESCRIPTION"], rows))
     for doc in invalid:
         click.echo(f"INVALID {doc.destination}: denies every source: {doc.reason}")
 
@@ -333,7 +325,7 @@ def match(destination: str, prefix: str, fmt: str) -> None:
     barriers = [s for s in steps if isinstance(s, Barrier)]
     if not barriers:  # an invalid document ends evaluation: the default is never reached
         rows.append(["-", "*", destination, f"{default} (mesh default)"])
-    click.echo(_table(["PRECEDENCE", "SOURCE", "DESTINATION", "ACTION"], rows))
+    click.echo(table(["PRECEDENCE", "SOURCE", "DESTINATION", "ACTION"], rows))
     for barrier in barriers:
         click.echo(f"INVALID {barrier.reason}")
     if config_error is not None:

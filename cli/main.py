@@ -11,6 +11,8 @@ import click
 from cli.ca import ca as ca_cli
 from cli.config_cmd import config as config_cli
 from cli.intention import intention as intention_cli
+from cli.status import services as services_cli
+from cli.status import status as status_cli
 from cli.token import token_cli
 from meshd import __version__
 from meshd.console import run_cli
@@ -19,13 +21,15 @@ from meshd.console import run_cli
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meshctl")
 def meshctl() -> None:
-    """Operate a meshd service mesh: CA, tokens, intentions, mesh config."""
+    """Operate a meshd service mesh: status, services, CA, tokens, intentions, mesh config."""
 
 
 meshctl.add_command(token_cli)
 meshctl.add_command(intention_cli)
 meshctl.add_command(config_cli)
 meshctl.add_command(ca_cli)
+meshctl.add_command(status_cli)
+meshctl.add_command(services_cli)
 
 
 def main() -> None:

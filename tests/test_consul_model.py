@@ -194,10 +194,39 @@ def test_parse_health_service_falls_back_to_node_address() -> None:
 
 
 @pytest.mark.parametrize(
+    ("checks", "status"),
+    [
+        (None, "passing"),
+        ([], "passing"),
+        ([{"Status": "passing"}, {"Status": "warning"}], "warning"),
+        ([{"Status": "warning"}, {"Status": "critical"}, {"Status": "passing"}], "critical"),
+        ([{"Status": "maintenance"}], "critical"),  # a status Consul may add: not passing
+        ([{"Status": 3}], "critical"),
+        (["not a check"], "critical"),
+    ],
+)
+def test_an_instances_status_is_the_worst_of_its_checks(checks: object, status: str) -> None:
+    entry = {
+        "Node": {"Node": "n1", "Address": "10.0.0.1"},
+        "Service": {"ID": "web-1", "Service": "web", "Address": "", "Port": 80},
+        "Checks": checks,
+    }
+    [instance] = parse_health_service([entry])
+    assert instance.status == status
+
+
+@pytest.mark.parametrize(
     "raw",
     [
         {"not": "a list"},
         [{"Node": {"Node": "n"}, "Service": {}}],
+        [
+            {
+                "Node": {"Node": "n", "Address": "a"},
+                "Service": {"ID": "x", "Service": "s", "Address": "", "Port": 1},
+                "Checks": {"not": "a list"},
+            }
+        ],
         [
             {
                 "Node": {"Node": "n", "Address": "a"},

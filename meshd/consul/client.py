@@ -261,9 +261,15 @@ class ConsulClient:
     # -- health and catalog ---------------------------------------------------------------
 
     async def health_service(
-        self, name: str, *, index: int = 0, wait_s: float | None = None
+        self,
+        name: str,
+        *,
+        index: int = 0,
+        wait_s: float | None = None,
+        passing_only: bool = True,
     ) -> tuple[int, tuple[ServiceInstance, ...]]:
-        """Instances of *name* whose checks (and node's) all pass.
+        """Instances of *name* whose checks (and node's) all pass; every instance, each
+        with its ``status``, when *passing_only* is false.
 
         Tags are not filtered server-side: python-consul2 turns a tag list into a query
         Consul matches against nothing. Filter ``instance.tags`` instead.
@@ -276,7 +282,7 @@ class ConsulClient:
         """
         check_name("service name", name)
         raw_index, raw = await self._api.health.service(
-            name, passing=True, **self._blocking(index, wait_s)
+            name, passing=passing_only, **self._blocking(index, wait_s)
         )
         return self._parse(
             "GET",

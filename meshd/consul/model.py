@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 CheckKind = Literal["http", "tcp", "ttl"]
+HealthStatus = Literal["passing", "warning", "critical"]
 _EMPTY: Mapping[str, str] = types.MappingProxyType({})
 
 
@@ -129,7 +130,11 @@ class ServiceRegistration:
 
 @dataclass(frozen=True)
 class ServiceInstance:
-    """A passing instance from the health endpoint; ``address`` falls back to the node's."""
+    """An instance from the health endpoint; ``address`` falls back to the node's.
+
+    ``status`` is the worst of its checks' (and its node's): ``passing``, ``warning`` or
+    ``critical`` (Consul's maintenance mode is a critical check).
+    """
 
     node: str
     address: str
@@ -138,6 +143,7 @@ class ServiceInstance:
     port: int
     tags: tuple[str, ...] = ()
     meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY, hash=False)
+    status: HealthStatus = "passing"
 
 
 @dataclass(frozen=True)
@@ -326,9 +332,28 @@ def parse_health_service(raw: object) -> tuple[ServiceInstance, ...]:
                 port=_field(service, "Port", int),
                 tags=_str_tuple(service.get("Tags"), "Service.Tags"),
                 meta=_str_map(service.get("Meta"), "Service.Meta"),
+                status=_worst_status(entry.get("Checks")),
             )
         )
     return tuple(sorted(instances, key=lambda i: (i.service_id, i.node)))
+
+
+_STATUS_RANK: dict[str, int] = {"passing": 0, "warning": 1, "critical": 2}
+
+
+def _worst_status(checks: object) -> HealthStatus:
+    """The worst ``Status`` of an entry's ``Checks``; one Consul does not know is critical."""
+    if checks is None:
+        return "passing"
+    if not isinstance(checks, list):
+        raise ResponseShapeError(f"Checks: expected a list, got {type(checks).__name__}")
+    worst: HealthStatus = "passing"
+    for check in checks:
+        status = check.get("Status") if isinstance(check, dict) else None
+        rank = _STATUS_RANK.get(status, 2) if isinstance(status, str) else 2
+        if rank > _STATUS_RANK[worst]:
+            worst = "warning" if rank == 1 else "critical"
+    return worst
 
 
 def parse_catalog_services(raw: object) -> Mapping[str, tuple[str, ...]]:

@@ -14,8 +14,8 @@ import trio
 from meshd.consul.client import ConsulClient
 from meshd.consul.errors import ConsulError
 from meshd.consul.model import CheckDefinition, ServiceRegistration
+from meshd.registry import SERVER_SERVICE
 
-SERVICE_NAME = "meshd"
 REREGISTER_S = 60.0
 log = logging.getLogger("meshd.server.registration")
 
@@ -46,8 +46,8 @@ def meshd_registration(
         deregister_after_s=3600.0,
     )
     return ServiceRegistration(
-        name=SERVICE_NAME,
-        service_id=f"{SERVICE_NAME}-{name}",
+        name=SERVER_SERVICE,
+        service_id=f"{SERVER_SERVICE}-{name}",
         address=advertise_address or None,
         port=port,
         tags=("ca",),
