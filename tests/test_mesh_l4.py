@@ -7,6 +7,7 @@ certificates issued by a running meshd server, and a real Consul cluster.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import time
@@ -113,3 +114,33 @@ def test_without_an_intention_the_default_deny_refuses(mesh: Mesh) -> None:
     assert "db " not in res.stdout
     denied = [r for r in mesh.events("db", "access") if r["direction"] == "inbound"]
     assert any(r["outcome"] == "refused" and "denied" in str(r.get("reason")) for r in denied)
+
+
+def test_meshctl_status_sees_the_running_mesh_and_a_service_going_down(mesh: Mesh) -> None:
+    """``meshctl status`` against the live lab: real agents' registrations, the running
+    CA's bundle. No problem while all is up; db's application stopped (its Consul check
+    fails) is named, with exit 1; back up, the status is clean again."""
+    res = mesh.meshctl("status", "--format", "json", check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    found = json.loads(res.stdout)
+    assert found["problems"] == []
+    assert (found["agents"]["instances"], found["agents"]["passing"]) == (3, 3)
+    assert found["servers"]["passing"] >= 1 and found["trust_domain"]
+    meshed = {s["name"]: s for s in found["services"] if s["meshed"]}
+    assert set(meshed) == {"web", "api", "db"}
+    assert all(s["passing"] == s["instances"] == 1 for s in meshed.values())
+
+    app = next(p for p in mesh.hosts["db"].apps if p.name == f"app{DB_PORT}")
+    app.stop()
+    mesh.hosts["db"].apps.remove(app)
+    try:
+        deadline = time.monotonic() + 15
+        while (res := mesh.meshctl("status", check=False)).returncode == 0:
+            assert time.monotonic() < deadline, res.stdout
+            time.sleep(0.5)
+        assert res.returncode == 1 and "no passing instance: db" in res.stdout, res.stdout
+    finally:
+        mesh.start_app("db", DB_PORT)
+    mesh.wait_passing("db", 1)
+    res = mesh.meshctl("status", check=False)
+    assert res.returncode == 0 and "No problems found." in res.stdout, res.stdout
