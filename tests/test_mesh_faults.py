@@ -468,6 +468,24 @@ def test_redirect_is_live_exclusions_reach_real_targets_and_restarts_change_no_r
     assert call_until(mesh, "web", api.address, API_PORT, ok=True).returncode == 0
 
 
+@pytest.mark.slow
+def test_100_agent_restarts_leave_the_rules_byte_identical(mesh: Mesh) -> None:
+    """SECURITY-TESTS D at its full count: web's agent restarted 100 times (orderly, as
+    ``systemctl restart`` does); after each, iptables-save and ip6tables-save are what they
+    were, and calls still go through. The default suite restarts 20 times (in the test
+    above); this one takes about 5 minutes, so it is marked slow."""
+    api = mesh.lab.hosts["api"]
+    web = mesh.lab.hosts["web"]
+    rules = normalized_rules(web)
+    started = time.monotonic()
+    for i in range(100):
+        restart_agent(mesh, "web")
+        assert normalized_rules(web) == rules, f"rules changed after restart {i + 1}"
+    print(f"100 restarts in {time.monotonic() - started:.0f} s, rules unchanged")
+    mesh.wait_passing("web", 1)
+    assert call_until(mesh, "web", api.address, API_PORT, ok=True).returncode == 0
+
+
 def test_rules_flushed_by_another_tool_are_put_back_and_reported(mesh: Mesh) -> None:
     """SECURITY-TESTS D: rules flushed by another tool are detected and re-applied.
 
