@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from agent.check_cli import check_cmd
 from agent.redirect_cli import redirect_cli
 from agent.run_cli import run_cmd
 from meshd import __version__
@@ -18,6 +19,7 @@ def agent_cli() -> None:
 
 agent_cli.add_command(redirect_cli)
 agent_cli.add_command(run_cmd)
+agent_cli.add_command(check_cmd)
 
 
 def main() -> None:

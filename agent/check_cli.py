@@ -1,0 +1,198 @@
+"""``meshd-agent check``: everything ``meshd-agent run`` will need on this host, checked
+before it runs (a preflight for installs and rollouts).
+
+Each check reads and never changes anything: the configuration files, the proxy user, the
+certificates or bootstrap token, the state directory, Consul (reachable, a leader, the
+mesh's KV readable, a trust bundle, a meshd server to sign), the iptables tools and the
+proxies' ports. Every line says ``ok``, ``warn`` or ``FAIL`` with the reason; the command
+exits 1 when anything fails, so a rollout can gate on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import click
+import trio
+
+from agent.setup import proxy_uid
+from meshd.config import AgentConfig, load_agent_config, load_service_dir
+from meshd.consul import ConsulSettings, open_consul
+from meshd.errors import MeshdError
+from meshd.keyfile import read_secret
+from meshd.registry import SERVER_SERVICE
+
+Status = Literal["ok", "warn", "FAIL"]
+TOOLS = ("iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    name: str
+    status: Status
+    detail: str
+
+
+@click.command("check")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=Path("/etc/meshd/agent.toml"),
+    show_default=True,
+    help="The agent's configuration file.",
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+def check_cmd(ctx: click.Context, config_path: Path, fmt: str) -> None:
+    """Check what the agent needs on this host; exit 1 if anything fails."""
+    checks = list(_checks(config_path))
+    if fmt == "json":
+        click.echo(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        for c in checks:
+            click.echo(f"{c.status:<5} {c.name:<14} {c.detail}")
+    if any(c.status == "FAIL" for c in checks):
+        ctx.exit(1)
+
+
+def _checks(config_path: Path) -> Iterator[Check]:
+    try:
+        config = load_agent_config(config_path)
+    except MeshdError as exc:
+        yield Check("config", "FAIL", str(exc))
+        return
+    yield Check("config", "ok", str(config_path))
+    try:
+        services = load_service_dir(Path(config.agent.services_dir), missing_ok=True)
+    except MeshdError as exc:
+        yield Check("services", "FAIL", str(exc))
+        return
+    names = [s.name for s in services]
+    yield Check(
+        "services",
+        "ok" if names else "warn",
+        ", ".join(names) if names else f"none in {config.agent.services_dir}: nothing to mesh",
+    )
+    yield _user(config, config_path)
+    yield _state_dir(Path(config.agent.state_dir))
+    yield from _credentials(config, names)
+    yield from trio.run(_consul, config, config_path)
+    if config.redirect.enabled:
+        missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+        yield Check(
+            "iptables",
+            "FAIL" if missing else "ok",
+            f"not found: {', '.join(missing)}" if missing else "iptables and ip6tables tools",
+        )
+    yield from _ports(config)
+
+
+def _user(config: AgentConfig, config_path: Path) -> Check:
+    try:
+        uid = proxy_uid(config, str(config_path))
+    except MeshdError as exc:
+        return Check("proxy user", "FAIL", str(exc))
+    if config.redirect.enabled and os.geteuid() != uid:
+        return Check(
+            "proxy user",
+            "warn",
+            f"{config.proxy.user} is uid {uid}, this check runs as uid {os.geteuid()}: the"
+            " agent must run as proxy.user or it refuses to intercept",
+        )
+    return Check("proxy user", "ok", f"{config.proxy.user} (uid {uid})")
+
+
+def _state_dir(path: Path) -> Check:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        parent = next((p for p in path.parents if p.exists()), Path("/"))
+        if os.access(parent, os.W_OK):
+            return Check("state dir", "ok", f"{path} (will be created)")
+        return Check("state dir", "FAIL", f"{path} does not exist and {parent} is not writable")
+    except OSError as exc:
+        return Check("state dir", "FAIL", f"{path}: {exc.strerror}")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        return Check("state dir", "warn", f"{path} has mode {mode:04o}; 0700 keeps keys private")
+    return Check("state dir", "ok", str(path))
+
+
+def _credentials(config: AgentConfig, services: list[str]) -> Iterator[Check]:
+    """A cached certificate for each service, or a usable bootstrap token for the rest."""
+    certs = Path(config.agent.state_dir) / "certs"
+    cached = [s for s in services if (certs / f"{s}.pem").exists()]
+    if cached:
+        yield Check("certificates", "ok", f"cached for {', '.join(cached)}")
+    if len(cached) == len(services):
+        return
+    token_file = Path(config.agent.bootstrap_token_file)
+    try:
+        read_secret(token_file)
+    except MeshdError as exc:
+        others = ", ".join(s for s in services if s not in cached)
+        yield Check("token", "FAIL", f"no certificate yet for {others}, and {exc}")
+        return
+    yield Check("token", "ok", f"{token_file} (0600)")
+
+
+async def _consul(config: AgentConfig, config_path: Path) -> list[Check]:
+    try:
+        settings = ConsulSettings.from_config(config.consul, file=str(config_path))
+    except MeshdError as exc:
+        return [Check("consul", "FAIL", str(exc))]
+    found: list[Check] = []
+    prefix = config.consul.kv_prefix.rstrip("/")
+    try:
+        async with open_consul(settings) as consul:
+            datacenter, leader = await consul.datacenter(), await consul.leader()
+            found.append(
+                Check(
+                    "consul",
+                    "ok" if leader else "FAIL",
+                    f"{settings.address}: datacenter {datacenter}, leader {leader or 'none'}",
+                )
+            )
+            _, bundle = await consul.kv_get(f"{prefix}/ca/bundle")
+            found.append(
+                Check("trust bundle", "ok", f"{prefix}/ca/bundle")
+                if bundle is not None
+                else Check("trust bundle", "FAIL", f"nothing at {prefix}/ca/bundle")
+            )
+            if not config.meshd.addresses:
+                _, servers = await consul.health_service(SERVER_SERVICE)
+                found.append(
+                    Check("meshd servers", "ok", f"{len(servers)} passing in Consul")
+                    if servers
+                    else Check("meshd servers", "FAIL", "none passing in Consul: no certificates")
+                )
+    except MeshdError as exc:
+        found.append(Check("consul", "FAIL", str(exc)))
+    return found
+
+
+def _ports(config: AgentConfig) -> Iterator[Check]:
+    proxy = config.proxy
+    for name, port in (
+        ("outbound port", proxy.outbound_port),
+        ("inbound port", proxy.inbound_port),
+        ("admin port", proxy.admin_port),
+    ):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError as exc:
+                yield Check(name, "warn", f"{port}: {exc.strerror} (is the agent running?)")
+                continue
+        yield Check(name, "ok", str(port))
