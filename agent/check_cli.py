@@ -23,6 +23,7 @@ from typing import Literal
 import click
 import trio
 
+from agent.run_cli import config_option
 from agent.setup import proxy_uid
 from meshd.config import AgentConfig, load_agent_config, load_service_dir
 from meshd.consul import ConsulSettings, open_consul
@@ -44,14 +45,7 @@ class Check:
 
 
 @click.command("check")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    default=Path("/etc/meshd/agent.toml"),
-    show_default=True,
-    help="The agent's configuration file.",
-)
+@config_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @click.pass_context
 def check_cmd(ctx: click.Context, config_path: Path, fmt: str) -> None:
@@ -156,12 +150,13 @@ async def _consul(config: AgentConfig, config_path: Path) -> list[Check]:
     prefix = config.consul.kv_prefix.rstrip("/")
     try:
         async with open_consul(settings) as consul:
-            datacenter, leader = await consul.datacenter(), await consul.leader()
+            # Only reads the agent itself makes (no agent:read, which it does not need).
+            leader = await consul.leader()
             found.append(
                 Check(
                     "consul",
                     "ok" if leader else "FAIL",
-                    f"{settings.address}: datacenter {datacenter}, leader {leader or 'none'}",
+                    f"{settings.address}: leader {leader or 'none: the catalog cannot change'}",
                 )
             )
             _, bundle = await consul.kv_get(f"{prefix}/ca/bundle")

@@ -18,9 +18,7 @@ from meshd.config import load_agent_config, load_service_dir
 from meshd.consul import ConsulSettings, open_consul
 from meshd.redirect_spec import RedirectSpec
 
-
-@click.command("run")
-@click.option(
+config_option = click.option(
     "--config",
     "config_path",
     type=click.Path(path_type=Path),
@@ -28,6 +26,10 @@ from meshd.redirect_spec import RedirectSpec
     show_default=True,
     help="The agent's configuration file.",
 )
+
+
+@click.command("run")
+@config_option
 def run_cmd(config_path: Path) -> None:
     """Run the agent: register services, intercept traffic, proxy it over mTLS."""
     config = load_agent_config(config_path)
