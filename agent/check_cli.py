@@ -30,6 +30,7 @@ from meshd.consul import ConsulSettings, open_consul
 from meshd.errors import MeshdError
 from meshd.keyfile import read_secret
 from meshd.registry import SERVER_SERVICE
+from meshd.trustbundle import bundle_key
 
 Status = Literal["ok", "warn", "FAIL"]
 TOOLS = ("iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore")
@@ -147,7 +148,7 @@ async def _consul(config: AgentConfig, config_path: Path) -> list[Check]:
     except MeshdError as exc:
         return [Check("consul", "FAIL", str(exc))]
     found: list[Check] = []
-    prefix = config.consul.kv_prefix.rstrip("/")
+    key = bundle_key(config.consul.kv_prefix)
     try:
         async with open_consul(settings) as consul:
             # Only reads the agent itself makes (no agent:read, which it does not need).
@@ -159,11 +160,11 @@ async def _consul(config: AgentConfig, config_path: Path) -> list[Check]:
                     f"{settings.address}: leader {leader or 'none: the catalog cannot change'}",
                 )
             )
-            _, bundle = await consul.kv_get(f"{prefix}/ca/bundle")
+            _, bundle = await consul.kv_get(key)
             found.append(
-                Check("trust bundle", "ok", f"{prefix}/ca/bundle")
+                Check("trust bundle", "ok", key)
                 if bundle is not None
-                else Check("trust bundle", "FAIL", f"nothing at {prefix}/ca/bundle")
+                else Check("trust bundle", "FAIL", f"nothing at {key}")
             )
             if not config.meshd.addresses:
                 _, servers = await consul.health_service(SERVER_SERVICE)

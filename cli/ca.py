@@ -23,7 +23,7 @@ from meshd.config.server import MAX_LEAF_TTL
 from meshd.consul import ConsulSettings, open_consul
 from meshd.errors import MeshdError
 from meshd.identity import IdentityError, check_trust_domain
-from meshd.trustbundle import BundleRoot, RootState, TrustBundle, fingerprint
+from meshd.trustbundle import BundleRoot, RootState, TrustBundle, bundle_key, fingerprint
 
 ROOT_TTL = dt.timedelta(days=3650)
 SIGNING_TTL = dt.timedelta(days=365)
@@ -38,10 +38,6 @@ MAX_DURATION = dt.timedelta(days=3650)  # for --max-leaf-ttl and --reload-grace
 
 class CaCommandError(MeshdError):
     """A ``meshctl ca`` command cannot proceed."""
-
-
-def _bundle_key(prefix: str) -> str:
-    return f"{prefix.rstrip('/')}/ca/bundle"
 
 
 kv_prefix_option = click.option(
@@ -77,7 +73,7 @@ def init(directory: Path, trust_domain: str | None, force: bool, kv_prefix: str)
         check_trust_domain(td)
     except IdentityError as exc:
         raise click.BadParameter(str(exc), param_hint="--trust-domain") from None
-    summary = trio.run(_init, directory, td, force, _bundle_key(kv_prefix))
+    summary = trio.run(_init, directory, td, force, bundle_key(kv_prefix))
     _echo_summary(summary)
 
 
@@ -123,7 +119,7 @@ def _echo_summary(summary: dict[str, str]) -> None:
 @kv_prefix_option
 def roots(fmt: str, kv_prefix: str) -> None:
     """Show the trust bundle's roots and the state of each."""
-    key = _bundle_key(kv_prefix)
+    key = bundle_key(kv_prefix)
     bundle, _ = trio.run(_read_bundle, key)
     doc = _describe(bundle)
     if fmt == "json":
@@ -219,7 +215,7 @@ def rotate(
     stable -> new root published -> cross-signed -> signing with the new root -> stable
     (the old root retires only after every leaf it signed has expired).
     """
-    key = _bundle_key(kv_prefix)
+    key = bundle_key(kv_prefix)
     ttls_at = f"{kv_prefix.rstrip('/')}/{rotation.LEAF_TTL_KEY}"
     before, after = trio.run(_rotate, directory, (max_leaf_ttl, reload_grace, ttls_at), key)
     click.echo(f"rotation: {before} -> {after}")

@@ -24,7 +24,7 @@ from meshd.errors import MeshdError
 from meshd.intentions import documents_from_kv, intentions_prefix
 from meshd.meshconfig import load_mesh_config, mesh_config_key, mesh_config_to_json
 from meshd.meshstatus import MeshStatus, ServiceSummary, mesh_status, summarize_service
-from meshd.trustbundle import TrustBundle
+from meshd.trustbundle import TrustBundle, bundle_key
 
 READ_CONCURRENCY = 16  # health reads in flight at once (one per service)
 EXIT_PROBLEMS = 1
@@ -99,11 +99,11 @@ async def _read_status(prefix: str) -> MeshStatus:
         datacenter = await consul.datacenter()
         leader = await consul.leader()
         instances = await _all_instances(consul)
-        bundle_key = f"{prefix.rstrip('/')}/ca/bundle"
-        _, bundle_entry = await consul.kv_get(bundle_key)
+        _, bundle_entry = await consul.kv_get(bundle_key(prefix))
         _, config_entry = await consul.kv_get(mesh_config_key(prefix))
         _, listed = await consul.kv_list(intentions_prefix(prefix))
-    bundle, bundle_error = _bundle(bundle_key, None if bundle_entry is None else bundle_entry.value)
+    raw_bundle = None if bundle_entry is None else bundle_entry.value
+    bundle, bundle_error = _bundle(bundle_key(prefix), raw_bundle)
     return mesh_status(
         datacenter=datacenter,
         leader=leader,

@@ -49,6 +49,11 @@ class RootState(enum.StrEnum):
     RETIRED = "retired"
 
 
+def bundle_key(kv_prefix: str) -> str:
+    """The KV key of the trust bundle under meshd's *kv_prefix* (``meshd/ca/bundle``)."""
+    return f"{kv_prefix.rstrip('/')}/ca/bundle"
+
+
 def fingerprint(cert: x509.Certificate) -> str:
     """The certificate's SHA-256 fingerprint, lower-case hex: a root's stable id."""
     return cert.fingerprint(hashes.SHA256()).hex()

@@ -29,7 +29,7 @@ from meshd.server.leader import Leadership, LeadershipStatistics
 from meshd.server.ratelimit import RateLimiter
 from meshd.server.registration import meshd_registration, serve_registration
 from meshd.server.tls import ServerTls, ServerTlsStatistics
-from meshd.trustbundle import TrustBundle, TrustBundleError
+from meshd.trustbundle import TrustBundle, TrustBundleError, bundle_key
 
 log = logging.getLogger("meshd.server")
 
@@ -185,7 +185,7 @@ async def serve_meshd(
     """
     prefix = options.kv_prefix.rstrip("/") + "/"
     datacenter = await consul.datacenter()
-    watch = await BundleWatch.load(consul, f"{prefix}ca/bundle")
+    watch = await BundleWatch.load(consul, bundle_key(prefix))
     if watch.current().trust_domain != authority.trust_domain:
         raise StartupError(
             f"the trust bundle is for {watch.current().trust_domain} but the signing CA "
@@ -204,7 +204,7 @@ async def serve_meshd(
         duties = functools.partial(
             serve_leader_duties,
             consul,
-            f"{prefix}ca/bundle",
+            bundle_key(prefix),
             every_s=options.retire_check_s,
             wall_clock=wall_clock,
         )
