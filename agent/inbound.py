@@ -132,7 +132,7 @@ async def handle_inbound(
     started = trio.current_time()
     client = peer_of(conn)
     limits = deps.limits.inbound
-    ticket = admit(deps, limits, conn, direction=DIRECTION, client=client)
+    ticket = admit(deps, limits, conn, direction=DIRECTION, client=client, now=started)
     if ticket is None:
         return
     try:
@@ -140,14 +140,14 @@ async def handle_inbound(
             deps, conn, direction=DIRECTION, client=client, started=started
         )
         if found is not None:
-            await serve_inbound(
+            await _serve_inbound(
                 deps, conns, conn, found, client=client, started=started, ticket=ticket
             )
     finally:
         limits.release(ticket)
 
 
-async def serve_inbound(
+async def _serve_inbound(
     deps: ProxyDeps,
     conns: OpenConnections,
     conn: socket.socket,
@@ -155,12 +155,12 @@ async def serve_inbound(
     *,
     client: str,
     started: float,
-    ticket: Ticket | None = None,
+    ticket: Ticket,
 ) -> None:
     """Serve one connection whose original destination is *target*; always closes *conn*.
 
-    *ticket*, when the connection was admitted under ``deps.limits.inbound``, is marked
-    verified once the peer's identity is (or plaintext is admitted); the caller releases it.
+    *ticket* (admitted under ``deps.limits.inbound``) is marked verified once the peer's
+    identity is (or plaintext is admitted); the caller releases it.
     """
     address, port = target
     view = deps.view()
@@ -181,8 +181,7 @@ async def serve_inbound(
         _refuse(deps, conn, client, local.name, started, accepted)
         return
     downstream, source = accepted
-    if ticket is not None:
-        deps.limits.inbound.verified(ticket)
+    deps.limits.inbound.verified(ticket)
     early = b""
     if isinstance(downstream, TLSConnection) and speaks_carrier(downstream):
         used = await _wait_for_use(deps, conns, downstream, port)

@@ -55,7 +55,7 @@ async def handle_outbound(deps: ProxyDeps, conn: socket.socket) -> None:
     started = trio.current_time()
     client = peer_of(conn)
     limits = deps.limits.outbound
-    ticket = admit(deps, limits, conn, direction=DIRECTION, client=client)
+    ticket = admit(deps, limits, conn, direction=DIRECTION, client=client, now=started)
     if ticket is None:
         return
     try:

@@ -178,16 +178,22 @@ def refuse(sock: socket.socket) -> None:
 
 
 def admit(
-    deps: ProxyDeps, limits: ConnectionLimits, conn: socket.socket, *, direction: str, client: str
+    deps: ProxyDeps,
+    limits: ConnectionLimits,
+    conn: socket.socket,
+    *,
+    direction: str,
+    client: str,
+    now: float,
 ) -> Ticket | None:
-    """A ticket for *conn* from *client* (``address:port``) under *limits*; None after
-    resetting a connection over a limit.
+    """A ticket for *conn* from *client* (``address:port``) under *limits* at trio time
+    *now*; None after resetting a connection over a limit.
 
     Refusals are counted, and logged at most once per limit every 10 s with how many there
     were: no access-log line each, so that a flood cannot flood the log.
     """
     source = client.rpartition(":")[0] or client
-    decision = limits.admit(source, trio.current_time())
+    decision = limits.admit(source, now)
     if isinstance(decision, Ticket):
         return decision
     refuse(conn)
