@@ -121,11 +121,14 @@ def mesh_status(
         RootSummary(r.id, r.state.value, r.cert.not_valid_after_utc)
         for r in (bundle.roots if bundle is not None else ())
     )
-    invalid = tuple(sorted(d for d, doc in intentions.items() if isinstance(doc, InvalidDocument)))
+    invalid = sorted(
+        (doc for doc in intentions.values() if isinstance(doc, InvalidDocument)),
+        key=lambda doc: doc.destination,
+    )
     problems = [
         *_control_plane_problems(leader, servers, agents),
         *_trust_problems(bundle, bundle_error, now),
-        *_document_problems(mesh_config, intentions, invalid),
+        *_document_problems(mesh_config, invalid),
         *_service_problems(services),
     ]
     return MeshStatus(
@@ -139,7 +142,7 @@ def mesh_status(
         roots=roots,
         mesh_config=mesh_config,
         intentions=len(intentions) - len(invalid),
-        invalid_intentions=invalid,
+        invalid_intentions=tuple(doc.destination for doc in invalid),
         problems=tuple(problems),
     )
 
@@ -195,19 +198,15 @@ def _trust_problems(bundle: TrustBundle | None, error: str | None, now: dt.datet
 
 
 def _document_problems(
-    mesh_config: LoadedMeshConfig,
-    intentions: Mapping[str, IntentionsDocument | InvalidDocument],
-    invalid: Sequence[str],
+    mesh_config: LoadedMeshConfig, invalid: Sequence[InvalidDocument]
 ) -> list[str]:
     problems = []
     if mesh_config.error is not None:
         problems.append(f"{mesh_config.error}; agents fail closed (default deny, strict mTLS)")
-    for destination in invalid:
-        doc = intentions[destination]
-        reason = doc.reason if isinstance(doc, InvalidDocument) else "invalid"
+    for doc in invalid:
         problems.append(
-            f"intentions for {destination} are invalid ({reason}): every connection to it"
-            " is denied"
+            f"intentions for {doc.destination} are invalid ({doc.reason}): every connection"
+            " to it is denied"
         )
     return problems
 
