@@ -79,10 +79,12 @@ def _checks(config_path: Path) -> Iterator[Check]:
         "ok" if names else "warn",
         ", ".join(names) if names else f"none in {config.agent.services_dir}: nothing to mesh",
     )
-    yield _user(config, config_path)
-    yield _state_dir(Path(config.agent.state_dir))
-    yield from _credentials(config, names)
-    yield from trio.run(_consul, config, config_path)
+    user = _user(config, config_path)
+    yield user
+    uid = None if user.status == "FAIL" else proxy_uid(config, str(config_path))
+    yield _state_dir(Path(config.agent.state_dir), uid)
+    yield from _credentials(config, names, uid)
+    yield from trio.run(_consul, config, config_path, uid)
     if config.redirect.enabled:
         missing = [tool for tool in TOOLS if shutil.which(tool) is None]
         yield Check(
@@ -98,17 +100,32 @@ def _user(config: AgentConfig, config_path: Path) -> Check:
         uid = proxy_uid(config, str(config_path))
     except MeshdError as exc:
         return Check("proxy user", "FAIL", str(exc))
-    if config.redirect.enabled and os.geteuid() != uid:
+    euid = os.geteuid()
+    if config.redirect.enabled and euid not in (uid, 0):
         return Check(
             "proxy user",
             "warn",
-            f"{config.proxy.user} is uid {uid}, this check runs as uid {os.geteuid()}: the"
+            f"{config.proxy.user} is uid {uid}, this check runs as uid {euid}: the"
             " agent must run as proxy.user or it refuses to intercept",
+        )
+    if config.redirect.enabled and euid != uid:
+        return Check(
+            "proxy user",
+            "ok",
+            f"{config.proxy.user} (uid {uid}): the agent must run as this user"
+            " (systemd/meshd-agent.service does, as meshd)",
         )
     return Check("proxy user", "ok", f"{config.proxy.user} (uid {uid})")
 
 
-def _state_dir(path: Path) -> Check:
+def _not_owned(path: Path, owner: int, uid: int | None) -> str:
+    """Why the agent, running as *uid*, cannot use *path* owned by *owner*; empty if it can."""
+    if uid is None or uid in (owner, 0):
+        return ""
+    return f"{path} belongs to uid {owner}, and the agent runs as proxy.user (uid {uid})"
+
+
+def _state_dir(path: Path, uid: int | None) -> Check:
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -121,10 +138,15 @@ def _state_dir(path: Path) -> Check:
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
         return Check("state dir", "warn", f"{path} has mode {mode:04o}; 0700 keeps keys private")
+    foreign = _not_owned(path, info.st_uid, uid)
+    if foreign:
+        # systemd's StateDirectory= gives it (recursively) to the unit's user on start.
+        return Check("state dir", "warn", f"{foreign}: it cannot write there unless systemd's"
+                     " StateDirectory= hands it over at start")  # fmt: skip
     return Check("state dir", "ok", str(path))
 
 
-def _credentials(config: AgentConfig, services: list[str]) -> Iterator[Check]:
+def _credentials(config: AgentConfig, services: list[str], uid: int | None) -> Iterator[Check]:
     """A cached certificate for each service, or a usable bootstrap token for the rest."""
     certs = Path(config.agent.state_dir) / "certs"
     cached = [s for s in services if (certs / f"{s}.pem").exists()]
@@ -139,14 +161,22 @@ def _credentials(config: AgentConfig, services: list[str]) -> Iterator[Check]:
         others = ", ".join(s for s in services if s not in cached)
         yield Check("token", "FAIL", f"no certificate yet for {others}, and {exc}")
         return
+    foreign = _not_owned(token_file, token_file.lstat().st_uid, uid)
+    if foreign:
+        yield Check("token", "FAIL", f"{foreign}: it cannot read a 0600 file of another user")
+        return
     yield Check("token", "ok", f"{token_file} (0600)")
 
 
-async def _consul(config: AgentConfig, config_path: Path) -> list[Check]:
+async def _consul(config: AgentConfig, config_path: Path, uid: int | None) -> list[Check]:
     try:
         settings = ConsulSettings.from_config(config.consul, file=str(config_path))
     except MeshdError as exc:
         return [Check("consul", "FAIL", str(exc))]
+    token_file = config.consul.token_file  # read above, so it exists
+    foreign = "" if token_file is None else _not_owned(token_file, token_file.lstat().st_uid, uid)
+    if foreign:
+        return [Check("consul", "FAIL", f"token_file: {foreign}: it cannot read it (0600)")]
     found: list[Check] = []
     key = bundle_key(config.consul.kv_prefix)
     try:

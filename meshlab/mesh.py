@@ -3,8 +3,10 @@
 Everything is started the way an operator would: ``meshctl ca init`` publishes the trust
 bundle, ``meshd serve`` runs in the Consul server's namespace, ``meshctl token create``
 writes each host's 0600 bootstrap token, and ``meshd-agent run`` reads an ``agent.toml``
-and ``services.d/`` written here. Applications and clients run as ``nobody`` (uid 65534):
-the agent runs as root and root is the proxy user, whose own traffic is never redirected.
+and ``services.d/`` written here. Applications and clients run as ``nobody`` (uid 65534).
+By default the agent runs as root and root is the proxy user, whose own traffic is never
+redirected; ``add_host(..., agent_uid=N)`` runs it as uid N with the shipped unit's
+capabilities instead, as ``systemd/meshd-agent.service`` does with its ``meshd`` user.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class MeshHost:
     host: Host
     dir: Path
     services: tuple[ServiceSpec, ...] = ()
+    agent_uid: int | None = None
     agent: Process | None = None
     apps: list[Process] = field(default_factory=list)
 
@@ -61,6 +64,35 @@ class MeshHost:
 def as_app_user(argv: Sequence[str]) -> list[str]:
     """*argv* run as the unprivileged application user (so its traffic is intercepted)."""
     return ["setpriv", f"--reuid={APP_UID}", f"--regid={APP_UID}", "--clear-groups", *argv]
+
+
+def unit_capabilities() -> tuple[list[str], list[str]]:
+    """The ambient and bounding capabilities of ``systemd/meshd-agent.service``, as setpriv
+    names them (``net_admin``, ...)."""
+
+    def names(key: str) -> list[str]:
+        return [c.lower().removeprefix("cap_") for c in unit_setting(SERVICE_UNIT, key).split()]
+
+    return names("AmbientCapabilities"), names("CapabilityBoundingSet")
+
+
+def as_agent_user(uid: int, argv: Sequence[str]) -> list[str]:
+    """*argv* run the way the shipped unit runs the agent: as a user of its own (*uid*),
+    with the unit's ambient capabilities, its bounding set and no new privileges.
+
+    One capability is added for the lab only: ``dac_read_search``, to reach the checkout
+    and its virtualenv, which may sit under ``/root`` (mode 0700). It lets the agent read
+    any file; writing still needs ownership, so the host's state directory is the uid's.
+    """
+    ambient, bounding = unit_capabilities()
+    ambient, bounding = [*ambient, "dac_read_search"], [*bounding, "dac_read_search"]
+    caps = ",".join(f"+{c}" for c in ambient)
+    return [
+        "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+        f"--inh-caps={caps}", f"--ambient-caps={caps}",
+        "--bounding-set=-all," + ",".join(f"+{c}" for c in bounding),
+        "--no-new-privs", *argv,
+    ]  # fmt: skip
 
 
 # One TCP exchange: connect, send argv[4] (bytes via surrogateescape), half-close, print
@@ -138,26 +170,43 @@ class Mesh:
         services: Sequence[ServiceSpec],
         *,
         proxy: Mapping[str, str | int] | None = None,
+        agent_uid: int | None = None,
     ) -> MeshHost:
         """Write *name*'s agent.toml, services.d/ and bootstrap token (nothing started).
 
         *proxy*: more ``[proxy]`` settings for this host's agent.toml.
+        *agent_uid*: run the agent as this uid (the proxy user), with the shipped unit's
+        capabilities (:func:`as_agent_user`); it owns the state directory and the token, as
+        the Ansible role arranges for the ``meshd`` user. Default: root.
         """
         host = self.lab.hosts[name]
         hdir = self.workdir / name
         (hdir / "services.d").mkdir(parents=True, exist_ok=True)
-        mh = MeshHost(host, hdir, tuple(services))
+        mh = MeshHost(host, hdir, tuple(services), agent_uid=agent_uid)
         self.hosts[name] = mh
         self._write_agent_files(mh, proxy or {})
+        token = hdir / "bootstrap.token"
         if services:
             args = ["token", "create", "--host", name, "--ttl", "1h"]
             for spec in services:
                 args += ["--service", spec.name]
-            self.meshctl(*args, "--output", str(hdir / "bootstrap.token"))
+            self.meshctl(*args, "--output", str(token))
+        if agent_uid is not None:
+            self._give_host_dir(hdir, agent_uid)
         return mh
+
+    def _give_host_dir(self, hdir: Path, uid: int) -> None:
+        """The host's files become *uid*'s, and the directories above them searchable (not
+        listable): ``access(2)``, which click's path checks use, ignores capabilities."""
+        for parent in (self.lab.workdir, self.workdir):
+            parent.chmod(parent.stat().st_mode | 0o001)
+        (hdir / "state").mkdir(mode=0o700, exist_ok=True)
+        for path in (hdir, *hdir.rglob("*")):
+            os.chown(path, uid, uid)
 
     def _write_agent_files(self, mh: MeshHost, proxy: Mapping[str, str | int]) -> None:
         hdir = mh.dir
+        user = "root" if mh.agent_uid is None else str(mh.agent_uid)
         extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in proxy.items())
         (hdir / "agent.toml").write_text(
             f'[agent]\nnode_name = "{mh.host.name}"\ndatacenter = "dc1"\n'
@@ -165,7 +214,7 @@ class Mesh:
             f'bootstrap_token_file = "{hdir / "bootstrap.token"}"\n'
             '[consul]\naddress = "http://127.0.0.1:8500"\n'
             f'[meshd]\naddresses = ["https://{self.lab.server_address}:{MESHD_PORT}"]\n'
-            '[proxy]\nuser = "root"\ndrain_timeout = "10s"\n'
+            f'[proxy]\nuser = "{user}"\ndrain_timeout = "10s"\n'
             f"{extra}"
             '[log]\nlevel = "info"\n'
         )
@@ -193,6 +242,8 @@ class Mesh:
             listen = [arg for spec in unit_sockets() for arg in ("--listen", spec)]
             restart = ["--restart-sec", str(unit_setting(SERVICE_UNIT, "RestartSec"))]
             argv = [sys.executable, str(SOCKHOLDER), *listen, *restart, "--", *argv]
+        if mh.agent_uid is not None:
+            argv = as_agent_user(mh.agent_uid, argv)
         mh.agent = mh.host.spawn("agent", argv, env=env)
         self.wait_admin(name, "/ready")
         return mh.agent

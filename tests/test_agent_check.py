@@ -95,6 +95,24 @@ def test_a_prepared_host_checks_clean_and_each_mistake_is_named(
     assert code == 1 and found["consul"][0] == "FAIL"
     assert "http://127.0.0.1:9" in found["consul"][1], found["consul"]
 
+    # The agent to run as its own user (as the shipped unit runs it), checked by root (as
+    # the Ansible role checks): a token of root's is one it could not read, a state
+    # directory of root's one it could not write.
+    uid = 64321
+    config.write_text(config_text.replace(f'user = "{os.geteuid()}"', f'user = "{uid}"'))
+    (tmp_path / "state").mkdir(mode=0o700)
+    code, found = check(config)
+    assert code == 1 and found["token"][0] == "FAIL", found
+    assert f"belongs to uid {os.geteuid()}" in found["token"][1]
+    assert f"proxy.user (uid {uid})" in found["token"][1]
+    assert found["state dir"][0] == "warn" and "StateDirectory=" in found["state dir"][1]
+    assert found["proxy user"][0] == "ok" and "must run as this user" in found["proxy user"][1]
+    assert found["consul"][0] == "FAIL" and "token_file: " in found["consul"][1], found
+    for owned in ("bootstrap.token", "state", "consul.token"):
+        os.chown(tmp_path / owned, uid, uid)
+    code, found = check(config)
+    assert code == 0 and found["token"][0] == found["state dir"][0] == "ok", found
+
     # A misspelt key: the config line fails and nothing else is checked.
     config.write_text(config_text.replace("[proxy]\n", "[proxy]\nworker = 2\n"))
     code, found = check(config)

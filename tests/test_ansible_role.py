@@ -5,7 +5,8 @@ checked instead. The role's templates are rendered with Jinja2 and the role's de
 the example inventory's variables, then parsed by meshd's own loaders, so a renamed or
 retyped key fails here rather than on the first host of a rollout. The files the role
 copies must exist, and the agent's ``proxy.user`` must be the user the shipped unit runs
-the agent as: otherwise the agent refuses to intercept (``require_running_as``).
+the agent as: otherwise the agent refuses to intercept (``require_running_as``). What that
+user must read or write (its 0600 bootstrap token, its state directory) must be its own.
 """
 
 from __future__ import annotations
@@ -82,6 +83,27 @@ def test_the_agent_role_renders_configuration_the_agent_accepts(host: str) -> No
         )
         assert (service.name, service.port) == (item["name"], item["port"])
         assert service.upstreams == tuple(item.get("upstreams", ()))
+
+
+def tasks(role: str) -> list[dict[str, Any]]:
+    return list(yaml.safe_load((ROLES / role / "tasks" / "main.yml").read_text()) or [])
+
+
+def test_what_the_agent_reads_or_writes_belongs_to_the_unit_user() -> None:
+    user = unit_user("meshd-agent.service")
+    assert user != "root"  # root's own connections would bypass the mesh
+    token = [
+        t["ansible.builtin.copy"]
+        for t in tasks("meshd_agent")
+        if t.get("ansible.builtin.copy", {}).get("dest") == "/etc/meshd/bootstrap.token"
+    ]
+    assert len(token) == 1 and token[0]["mode"] == "0600"
+    assert token[0]["owner"] == user  # read_secret as the agent: 0600 of another user fails
+    (dirs,) = [t for t in tasks("meshd_common") if t["name"] == "meshd directories"]
+    state = [item for item in dirs["loop"] if item["path"] == "/var/lib/meshd"]
+    assert state == [{"path": "/var/lib/meshd", "owner": user, "mode": "0700"}]
+    unit = (REPO / "systemd" / "meshd-agent.service").read_text()
+    assert re.search(r"^StateDirectory=meshd$", unit, re.MULTILINE)
 
 
 def test_the_server_role_renders_configuration_the_server_accepts() -> None:

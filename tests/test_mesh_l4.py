@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from meshlab.mesh import Mesh
+from meshlab.mesh import Mesh, exchange_argv, unit_capabilities
 from meshlab.netns import Host
-from tests.plugins.mesh import API_PORT, DB_PORT
+from tests.plugins.mesh import API_PORT, DB_PORT, WEB_AGENT_UID
 
 pytestmark = [pytest.mark.netns, pytest.mark.consul]
 
@@ -103,6 +103,46 @@ def test_app_reaches_remote_service_through_both_proxies_and_only_tls_crosses(
     inbound = [r for r in mesh.events("api", "access") if r["direction"] == "inbound"]
     assert any(r["destination"] == "api" and r["outcome"] == "closed" for r in outbound)
     assert any(r["source"] == "web" and r["destination"] == "api" for r in inbound)
+
+
+#: Linux capability numbers (linux/capability.h) of the ones the lab's agent may hold.
+CAPABILITY_BITS = {"dac_read_search": 2, "net_bind_service": 10, "net_admin": 12, "net_raw": 13}
+
+
+def test_the_agent_runs_as_its_own_user_and_root_is_meshed_like_any_app(mesh: Mesh) -> None:
+    """web's agent runs as the shipped unit runs it (a uid of its own, the unit's ambient
+    capabilities, no new privileges). Its rules exempt that uid alone: root's connections
+    on web go through the mesh like an application's, and only the agent's user reaches a
+    meshed port of another host unproxied (where the inbound proxy, expecting mTLS, turns
+    it away)."""
+    mesh.meshctl("intention", "create", "web", "api", "--allow", "--replace")
+    web, api = mesh.hosts["web"], mesh.lab.hosts["api"]
+    assert web.agent is not None and web.agent.alive()
+    status = Path(f"/proc/{web.agent.pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    assert fields["Uid"].split() == [str(WEB_AGENT_UID)] * 4, fields["Uid"]
+    # The unit's capabilities and nothing more (dac_read_search: the lab's, to reach the
+    # checkout); the agent installed its rules with them.
+    ambient, _ = unit_capabilities()
+    expected = sum(1 << CAPABILITY_BITS[c] for c in {*ambient, "dac_read_search"})
+    assert int(fields["CapEff"], 16) == expected, fields["CapEff"]
+    rules = web.host.run(["iptables-save", "-t", "nat"]).stdout
+    assert f"--uid-owner {WEB_AGENT_UID} " in rules and "--uid-owner 0 " not in rules, rules
+
+    assert call_until(mesh, "web", api.address, API_PORT, ok=True).returncode == 0
+    before = len(mesh.events("web", "access"))
+    as_root = web.host.run(exchange_argv(api.address, API_PORT, MARKER), check=False)
+    assert as_root.returncode == 0 and as_root.stdout.startswith("api "), as_root
+    assert MARKER.decode() in as_root.stdout
+    deadline = time.monotonic() + 5
+    while len(mesh.events("web", "access")) == before and time.monotonic() < deadline:
+        time.sleep(0.05)  # the access line follows the connection's end
+    assert len(mesh.events("web", "access")) > before  # web's outbound proxy carried it
+
+    as_agent = ["setpriv", f"--reuid={WEB_AGENT_UID}", f"--regid={WEB_AGENT_UID}",
+                "--clear-groups", *exchange_argv(api.address, API_PORT, MARKER)]  # fmt: skip
+    bypassed = web.host.run(as_agent, check=False)
+    assert MARKER.decode() not in bypassed.stdout, bypassed
 
 
 def test_without_an_intention_the_default_deny_refuses(mesh: Mesh) -> None:

@@ -10,16 +10,26 @@ from meshlab.mesh import Mesh, ServiceSpec
 from meshlab.netns import LabUnavailable, open_lab
 
 WEB_PORT, API_PORT, DB_PORT = 8080, 9090, 5432
+#: web's agent runs as this uid (no passwd entry needed), as the shipped unit runs it as
+#: ``meshd``; api's and db's run as root, the proxy user there.
+WEB_AGENT_UID = 64321
 
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
-    """web → api → db on three hosts, agents running, apps up, no intentions yet."""
+    """web → api → db on three hosts, agents running, apps up, no intentions yet.
+
+    web's agent runs as :data:`WEB_AGENT_UID` with the shipped unit's capabilities.
+    """
     try:
         with open_lab("m", ("web", "api", "db")) as lab:
             the_mesh = Mesh(lab)
             the_mesh.start_control_plane()
-            the_mesh.add_host("web", [ServiceSpec("web", WEB_PORT, upstreams=("api",))])
+            the_mesh.add_host(
+                "web",
+                [ServiceSpec("web", WEB_PORT, upstreams=("api",))],
+                agent_uid=WEB_AGENT_UID,
+            )
             the_mesh.add_host("api", [ServiceSpec("api", API_PORT, upstreams=("db",))])
             the_mesh.add_host("db", [ServiceSpec("db", DB_PORT)])
             for name, port in (("web", WEB_PORT), ("api", API_PORT), ("db", DB_PORT)):
