@@ -24,8 +24,8 @@ import click
 import trio
 
 from agent.run_cli import config_option
-from agent.setup import proxy_uid
-from meshd.config import AgentConfig, load_agent_config, load_service_dir
+from agent.setup import proxy_uid, service_uids
+from meshd.config import AgentConfig, ServiceConfig, load_agent_config, load_service_dir
 from meshd.consul import ConsulSettings, open_consul
 from meshd.errors import MeshdError
 from meshd.keyfile import read_secret
@@ -82,6 +82,8 @@ def _checks(config_path: Path) -> Iterator[Check]:
     user = _user(config, config_path)
     yield user
     uid = None if user.status == "FAIL" else proxy_uid(config, str(config_path))
+    if uid is not None and any(s.user for s in services):
+        yield _service_users(services, uid)
     yield _state_dir(Path(config.agent.state_dir), uid)
     yield from _credentials(config, names, uid)
     yield from trio.run(_consul, config, config_path, uid)
@@ -116,6 +118,15 @@ def _user(config: AgentConfig, config_path: Path) -> Check:
             " (systemd/meshd-agent.service does, as meshd)",
         )
     return Check("proxy user", "ok", f"{config.proxy.user} (uid {uid})")
+
+
+def _service_users(services: tuple[ServiceConfig, ...], uid: int) -> Check:
+    try:
+        users = service_uids(services, uid)
+    except MeshdError as exc:
+        return Check("service users", "FAIL", str(exc))
+    named = ", ".join(f"{s.name} as uid {users[s.id]}" for s in services if s.id in users)
+    return Check("service users", "ok", f"{named}: other users' connections get no identity")
 
 
 def _not_owned(path: Path, owner: int, uid: int | None) -> str:

@@ -33,12 +33,13 @@ from agent.proxycore import (
     verify_now,
 )
 from agent.pump import PlainConnection
+from agent.sockowner import Owner
 from agent.tlsconn import TLSConnection, TLSHandshakeError, handshake
 from agent.warmpool import EndpointKey
 from meshd.dataplane import DataPlaneView
 from meshd.meshconfig import OutboundPolicy
 from meshd.peer import PeerRejected
-from meshd.snapshot import Endpoint
+from meshd.snapshot import Endpoint, LocalService
 
 DIRECTION = "outbound"
 # A connect that fails with these says this host is out of descriptors, buffers, memory or
@@ -89,7 +90,7 @@ async def _serve_outbound(
         deps.on_unknown_destination(address, port)
         await _unknown_destination(deps, view, conn, address, port, started)
         return
-    await _to_mesh_service(deps, view, conn, service, started)
+    await _to_mesh_service(deps, view, conn, service, started, target=(address, port))
 
 
 async def _unknown_destination(
@@ -143,16 +144,35 @@ async def _unknown_destination(
 
 
 async def _to_mesh_service(
-    deps: ProxyDeps, view: DataPlaneView, conn: socket.socket, service: str, started: float
+    deps: ProxyDeps,
+    view: DataPlaneView,
+    conn: socket.socket,
+    service: str,
+    started: float,
+    *,
+    target: tuple[str, int] | None = None,
 ) -> None:
+    """Carry *conn* (intercepted on its way to *target*, an address of *service*) over mTLS.
+
+    *target* is needed only to tell which user opened *conn* (``[service] user``); benches
+    and tests that feed connections directly may leave it out.
+    """
     client = peer_of(conn)
-    local = view.source_identity(service)
-    reason = _cannot_dial(view, local is not None)
+    owner: Owner | None = None
+    if view.identifies_by_user:
+        owner = _owner(deps, conn, target)
+    local = (
+        owner.reason
+        if owner is not None and owner.uid is None
+        else view.source_identity(service, None if owner is None else owner.uid)
+    )
+    reason = _cannot_dial(view, local)
     ctx: ssl.SSLContext | None = None
-    if reason is None and local is not None and view.bundle is not None:
+    if reason is None and isinstance(local, LocalService) and view.bundle is not None:
         ctx = deps.tls.context("client", local.name, view.bundle)
         reason = None if ctx is not None else f"no valid certificate for {local.name}"
-    if reason is not None or ctx is None or local is None:
+    if reason is not None or ctx is None or not isinstance(local, LocalService):
+        uid = {} if owner is None else {"uid": owner.uid}
         reject(
             deps,
             conn,
@@ -162,6 +182,7 @@ async def _to_mesh_service(
             started=started,
             outcome="refused",
             reason=reason,
+            **uid,
         )
         return
     # What the application already sent goes in the same record as GO (or first, for an
@@ -197,6 +218,7 @@ async def _to_mesh_service(
         outcome="closed",
         result=result,
         client=client,
+        **({} if owner is None else {"uid": owner.uid}),
     )
 
 
@@ -209,12 +231,23 @@ def _available(conn: socket.socket) -> bytes:
         return b""
 
 
-def _cannot_dial(view: DataPlaneView, has_identity: bool) -> str | None:
+def _cannot_dial(view: DataPlaneView, identity: LocalService | str) -> str | None:
     if view.bundle is None:
         return f"no trust bundle: {view.bundle_error}"
-    if not has_identity:
-        return "no unambiguous local identity (declare the upstream in one service)"
+    if isinstance(identity, str):
+        return identity
     return None
+
+
+def _owner(deps: ProxyDeps, conn: socket.socket, target: tuple[str, int] | None) -> Owner:
+    """Who opened the application's end of *conn*, which it addressed to *target*."""
+    if target is None:
+        return Owner(None, "the connection's original destination is not known")
+    try:
+        peer = conn.getpeername()[:2]
+    except OSError as exc:
+        return Owner(None, f"the client is gone: {exc.strerror or exc}")
+    return deps.owners.owner((peer[0], peer[1]), target)
 
 
 async def _dial(

@@ -22,6 +22,7 @@ from agent.accesslog import JsonLog
 from agent.metrics import AgentMetrics
 from agent.origdst import OriginalDestinationError, original_destination
 from agent.pump import PumpFunction, PumpResult, pump
+from agent.sockowner import SocketOwners
 from agent.tlsconn import TLSConnection
 from agent.tlscontexts import TLSContexts
 from agent.tlssessions import SessionCache
@@ -85,6 +86,7 @@ class ProxyDeps:
             runs; otherwise every take misses).
         limits: how many connections each proxy admits (``[proxy] max_connections``,
             ``max_unverified_per_source``).
+        owners: who opened an intercepted connection (when services name their users).
     """
 
     view: Callable[[], DataPlaneView | None]
@@ -100,6 +102,7 @@ class ProxyDeps:
     pump: PumpFunction = pump
     warm: WarmPool = field(default_factory=WarmPool)
     limits: ProxyLimits = field(default_factory=lambda: ProxyLimits.of(ProxyConfig()))
+    owners: SocketOwners = field(default_factory=SocketOwners)
 
 
 def proxy_deps(

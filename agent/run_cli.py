@@ -13,7 +13,7 @@ from agent import redirect
 from agent.accesslog import JsonLog, install_json_logging
 from agent.certifier import endpoints_from_addresses
 from agent.runtime import AgentHandle, AgentOptions, serve_agent
-from agent.setup import proxy_uid, redirect_spec, require_running_as
+from agent.setup import proxy_uid, redirect_spec, require_running_as, service_uids
 from meshd.config import load_agent_config, load_service_dir
 from meshd.consul import ConsulSettings, open_consul
 from meshd.redirect_spec import RedirectSpec
@@ -36,6 +36,7 @@ def run_cmd(config_path: Path) -> None:
     services = load_service_dir(Path(config.agent.services_dir), missing_ok=True)
     settings = ConsulSettings.from_config(config.consul, file=str(config_path))
     uid = proxy_uid(config, str(config_path))
+    users = service_uids(services, uid)
     spec = None
     if config.redirect.enabled:
         require_running_as(uid, str(config_path), euid=os.geteuid())
@@ -45,6 +46,7 @@ def run_cmd(config_path: Path) -> None:
     options = AgentOptions(
         config=config,
         services=services,
+        service_uids=users,
         close_denied=config.proxy.close_denied,
         meshd_endpoints=(
             endpoints_from_addresses(config.meshd.addresses) if config.meshd.addresses else None

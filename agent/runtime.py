@@ -23,6 +23,7 @@ import functools
 import random
 import signal
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ class AgentOptions:
         propagation_s: how long to keep serving after deregistering, on shutdown.
         close_denied: close open connections that a new policy denies.
         agent_address: the address advertised for the agent's own registration.
+        service_uids: the uid of each service that names its user, by service id.
     """
 
     config: AgentConfig
@@ -77,6 +79,7 @@ class AgentOptions:
     propagation_s: float = 2.0
     close_denied: bool = True
     agent_address: str | None = None
+    service_uids: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,7 +116,7 @@ async def serve_agent(
                 serve_snapshots,
                 consul,
                 prefix=cfg.consul.kv_prefix,
-                local_services=local_services_from_config(options.services),
+                local_services=local_services_from_config(options.services, options.service_uids),
                 state_dir=Path(cfg.agent.state_dir),
             )
         )

@@ -16,13 +16,39 @@ def proxy_uid(config: AgentConfig, file: str) -> int:
     Raises:
         ConfigError: the user does not exist on this host.
     """
-    user = config.proxy.user
+    return _uid(config.proxy.user, file, "proxy.user")
+
+
+def service_uids(services: Iterable[ServiceConfig], proxy: int) -> dict[str, int]:
+    """The uid of each service that names its ``user``, by service id.
+
+    Raises:
+        ConfigError: the user does not exist on this host, or is the proxy's (whose
+            connections are never intercepted, so could never be told apart).
+    """
+    uids = {}
+    for s in services:
+        if s.user:
+            file = str(s.source or s.id)
+            uid = _uid(s.user, file, "service.user")
+            if uid == proxy:
+                raise ConfigError(
+                    file,
+                    "service.user",
+                    f"{s.user!r} is proxy.user, whose connections are never intercepted;"
+                    " run the service as a user of its own",
+                )
+            uids[s.id] = uid
+    return uids
+
+
+def _uid(user: str, file: str, key: str) -> int:
     if user.isdigit():
         return int(user)
     try:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
-        raise ConfigError(file, "proxy.user", f"no such user {user!r} on this host") from None
+        raise ConfigError(file, key, f"no such user {user!r} on this host") from None
 
 
 def require_running_as(uid: int, file: str, *, euid: int) -> None:

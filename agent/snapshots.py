@@ -17,7 +17,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,10 +70,15 @@ def persist(state_dir: Path, snapshot: Snapshot) -> None:
     write_secret(state_dir / SNAPSHOT_FILE, to_json(snapshot))
 
 
-def local_services_from_config(services: Iterable[ServiceConfig]) -> tuple[LocalService, ...]:
-    """Turn ``meshd.config`` service definitions into the snapshot's :class:`LocalService`."""
+def local_services_from_config(
+    services: Iterable[ServiceConfig], uids: Mapping[str, int] | None = None
+) -> tuple[LocalService, ...]:
+    """Turn ``meshd.config`` service definitions into the snapshot's :class:`LocalService`;
+    *uids*: the resolved ``user`` of the services that name one, by service id."""
+    uids = uids or {}
     return tuple(
-        LocalService(s.name, s.id, s.port, s.protocol, tuple(s.upstreams)) for s in services
+        LocalService(s.name, s.id, s.port, s.protocol, tuple(s.upstreams), uids.get(s.id))
+        for s in services
     )
 
 

@@ -54,19 +54,48 @@ class DataPlaneView:
         """The intentions decision for *source* (None: anonymous) calling *destination*."""
         return authorize(self.policy, source, destination)
 
-    def source_identity(self, destination: str) -> LocalService | None:
-        """The local service whose identity an outbound connection to *destination* uses.
+    @property
+    def identifies_by_user(self) -> bool:
+        """Whether a local service names its user (``[service] user``): outbound identity
+        then follows the user that opened the connection (:meth:`source_identity`)."""
+        return any(s.uid is not None for s in self.snapshot.local_services)
 
-        A host-level proxy cannot see which local process dialled, so the identity must be
-        unambiguous: the only local service, or else the only one that declares
-        *destination* among its upstreams. Anything else is refused (returns None) rather
-        than guessed, because a guess could borrow another service's permissions.
+    def source_identity(self, destination: str, owner: int | None = None) -> LocalService | str:
+        """The local service whose identity an outbound connection to *destination* uses,
+        or why there is none (docs/adr/006).
+
+        Without users named, the proxy cannot tell which local process dialled, so the
+        identity must be unambiguous: the only local service, or else the only one that
+        declares *destination* among its upstreams. When services name their users
+        (:attr:`identifies_by_user`), *owner* (the uid that opened the connection) chooses
+        among the services of that user only, by the same rule; a connection of a user no
+        service names gets no identity. Anything else is refused rather than guessed,
+        because a guess could borrow another service's permissions.
+
+        Args:
+            destination: the service the connection is for.
+            owner: the uid of the application's socket; required when
+                :attr:`identifies_by_user`.
         """
         services = self.snapshot.local_services
+        if self.identifies_by_user:
+            if owner is None:
+                return "the owner of the connection is not known"
+            services = tuple(s for s in services if s.uid == owner)
+            if not services:
+                return f"no local service runs as uid {owner} ([service] user)"
         if len(services) == 1:
             return services[0]
         declaring = [s for s in services if destination in s.upstreams]
-        return declaring[0] if len(declaring) == 1 else None
+        if len(declaring) == 1:
+            return declaring[0]
+        among = "" if owner is None else f" of uid {owner}"
+        which = ", ".join(s.name for s in declaring or services)
+        how = "several declare" if declaring else "none declares"
+        return (
+            f"no unambiguous local identity: of the local services{among} ({which}), {how}"
+            f" {destination} as an upstream"
+        )
 
 
 def build_view(snapshot: Snapshot, *, prefix: str = DEFAULT_PREFIX) -> DataPlaneView:

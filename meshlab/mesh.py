@@ -41,12 +41,14 @@ SERVICE_UNIT = REPO / "systemd" / "meshd-agent.service"
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """One service a host runs: its name, port and the upstreams it declares."""
+    """One service a host runs: its name, port, the upstreams it declares, and the user its
+    application runs as (``""``: not said)."""
 
     name: str
     port: int
     upstreams: tuple[str, ...] = ()
     protocol: str = "tcp"
+    user: str = ""
 
 
 @dataclass
@@ -220,9 +222,10 @@ class Mesh:
         )
         for spec in mh.services:
             upstreams = ", ".join(json.dumps(u) for u in spec.upstreams)
+            run_as = f'user = "{spec.user}"\n' if spec.user else ""
             (hdir / "services.d" / f"{spec.name}.toml").write_text(
                 f'[service]\nname = "{spec.name}"\nport = {spec.port}\n'
-                f'protocol = "{spec.protocol}"\nupstreams = [{upstreams}]\n'
+                f'protocol = "{spec.protocol}"\nupstreams = [{upstreams}]\n{run_as}'
                 '[[service.checks]]\nkind = "tcp"\ninterval = "1s"\ntimeout = "1s"\n'
             )
 

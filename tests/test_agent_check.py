@@ -113,6 +113,20 @@ def test_a_prepared_host_checks_clean_and_each_mistake_is_named(
     code, found = check(config)
     assert code == 0 and found["token"][0] == found["state dir"][0] == "ok", found
 
+    # A service's user that does not exist here: named, as the agent would refuse it.
+    config.write_text(config_text)
+    web = tmp_path / "services.d" / "web.toml"
+    web.write_text('[service]\nname = "web"\nport = 8080\nuser = "no-such-user-here"\n')
+    code, found = check(config)
+    assert code == 1 and found["service users"][0] == "FAIL", found
+    assert "web.toml: service.user: no such user 'no-such-user-here'" in found["service users"][1]
+    web.write_text('[service]\nname = "web"\nport = 8080\nuser = "4242"\n')
+    code, found = check(config)
+    assert code == 0 and found["service users"] == (
+        "ok",
+        "web as uid 4242: other users' connections get no identity",
+    ), found
+
     # A misspelt key: the config line fails and nothing else is checked.
     config.write_text(config_text.replace("[proxy]\n", "[proxy]\nworker = 2\n"))
     code, found = check(config)

@@ -83,6 +83,7 @@ def test_the_agent_role_renders_configuration_the_agent_accepts(host: str) -> No
         )
         assert (service.name, service.port) == (item["name"], item["port"])
         assert service.upstreams == tuple(item.get("upstreams", ()))
+        assert service.user == item.get("user", "")
 
 
 def tasks(role: str) -> list[dict[str, Any]]:

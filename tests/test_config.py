@@ -167,11 +167,12 @@ def test_server_valid_values(text: str, dotted: str, expected: object) -> None:
 def test_service_with_every_key() -> None:
     service = parse_service_config(
         WEB + "id = 'web-2'\naddress = '10.1.2.3'\nprotocol = 'http'\ntags = ['a', 'b']\n"
-        "upstreams = ['api']\nmeta = { version = '1' }\n"
+        "upstreams = ['api']\nmeta = { version = '1' }\nuser = 'web'\n"
         "[[service.checks]]\nkind = 'http'\npath = '/healthz?full=1'\ninterval = '5s'\n"
         "deregister_after = '1m'\n[[service.checks]]\nkind = 'ttl'\nttl = '30s'\n"
     )
     assert (service.id, service.address, service.protocol) == ("web-2", "10.1.2.3", "http")
+    assert service.user == "web"
     assert (service.tags, service.upstreams, dict(service.meta)) == (
         ("a", "b"),
         ("api",),
@@ -296,6 +297,8 @@ SERVICE_ERRORS = [
     (WEB + "meta = { consul-x = 'a' }", "service.meta.consul-x: expected a meta key"),
     (WEB + "upstreams = ['API']", "service.upstreams[0]: expected a service name"),
     (WEB + "upstreams = ['a', 'a']", "service.upstreams[1]: duplicate upstream 'a'"),
+    (WEB + "user = 'a b'", "service.user: expected a user name or numeric uid"),
+    (WEB + "user = 1001", "service.user: expected a user name or numeric uid"),
     (WEB + "checks = 1", "service.checks: expected an array of tables, got 1"),
     (WEB + CHECK + "path = '/'", "service.checks[0].kind: required key is missing"),
     (WEB + CHECK + "kind = 'grpc'", "service.checks[0].kind: expected one of 'http', 'tcp'"),

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from meshd.balancer import RoundRobin
-from meshd.dataplane import ViewCache, build_view
+from meshd.dataplane import DataPlaneView, ViewCache, build_view
 from meshd.intentions import Action, IntentionsDocument, SourceIntention, render_document
 from meshd.meshconfig import MeshConfig, MTLSMode, OutboundPolicy, render_mesh_config
 from meshd.snapshot import LocalService, make_snapshot
@@ -80,15 +80,72 @@ def test_invalid_intentions_document_denies_only_its_destination(mesh_ca: MeshCa
 
 def test_source_identity_must_be_unambiguous() -> None:
     view = build_view(snapshot())
+    assert not view.identifies_by_user
     assert view.source_identity("db") == LocalService(
         "admin", "admin-1", 8081, upstreams=("api", "db")
     )
-    assert view.source_identity("api") is None  # two local services declare api
-    assert view.source_identity("elsewhere") is None
+    assert (
+        view.source_identity("api")
+        == (  # two local services declare api
+            "no unambiguous local identity: of the local services (admin, web), several declare"
+            " api as an upstream"
+        )
+    )
+    assert view.source_identity("elsewhere") == (
+        "no unambiguous local identity: of the local services (admin, web), none declares"
+        " elsewhere as an upstream"
+    )
     single = make_snapshot(
         version=1, created_at=0, local_services=(LocalService("web", "web-1", 8080),)
     )
-    assert build_view(single).source_identity("anything").name == "web"
+    only = build_view(single).source_identity("anything")
+    assert isinstance(only, LocalService) and only.name == "web"
+
+
+def by_user(*services: LocalService) -> DataPlaneView:
+    return build_view(make_snapshot(version=1, created_at=0, local_services=services))
+
+
+WEB = LocalService("web", "web-1", 8080, upstreams=("api",), uid=1001)
+ADMIN = LocalService("admin", "admin-1", 8081, upstreams=("api",), uid=1002)
+CRON = LocalService("cron", "cron-1", 8082, upstreams=("api", "db"), uid=1002)
+LEGACY = LocalService("legacy", "legacy-1", 8083, upstreams=("api",))
+
+
+@pytest.mark.parametrize(
+    ("services", "destination", "owner", "expected"),
+    [
+        # Two services call api: their users tell them apart.
+        ((WEB, ADMIN), "api", 1001, WEB),
+        ((WEB, ADMIN), "api", 1002, ADMIN),
+        # The only service of a user is that user's identity, declared upstream or not.
+        ((WEB, ADMIN), "db", 1001, WEB),
+        # A user no service names gets nothing, root included; so does an unknown owner.
+        ((WEB, ADMIN), "api", 0, "no local service runs as uid 0 ([service] user)"),
+        ((WEB, ADMIN), "api", None, "the owner of the connection is not known"),
+        # A service without a user never lends its identity once users are named.
+        ((WEB, LEGACY), "api", 1003, "no local service runs as uid 1003 ([service] user)"),
+        ((WEB, LEGACY), "api", 1001, WEB),
+        # Two services of one user: their upstreams decide, as without users.
+        ((WEB, ADMIN, CRON), "db", 1002, CRON),
+        (
+            (WEB, ADMIN, CRON),
+            "api",
+            1002,
+            "no unambiguous local identity: of the local services of uid 1002 (admin, cron),"
+            " several declare api as an upstream",
+        ),
+    ],
+)
+def test_source_identity_by_the_user_that_opened_the_connection(
+    services: tuple[LocalService, ...],
+    destination: str,
+    owner: int | None,
+    expected: LocalService | str,
+) -> None:
+    view = by_user(*services)
+    assert view.identifies_by_user
+    assert view.source_identity(destination, owner) == expected
 
 
 def test_view_cache_rebuilds_only_for_a_new_snapshot() -> None:

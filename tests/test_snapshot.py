@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -291,6 +292,20 @@ def test_round_trip() -> None:
     again = from_json(to_json(snapshot))
     assert again == snapshot
     assert to_json(again) == to_json(snapshot)
+
+
+def test_a_local_services_uid_round_trips_and_older_snapshots_without_it_load() -> None:
+    snapshot = dataclasses.replace(
+        built_snapshot(), local_services=(dataclasses.replace(WEB, uid=1001),)
+    )
+    doc = json.loads(to_json(snapshot))
+    assert doc["local_services"][0]["uid"] == 1001
+    assert from_json(to_json(snapshot)) == snapshot
+    del doc["local_services"][0]["uid"]  # as written before services named their users
+    assert from_json(json.dumps(doc).encode()).local_services[0].uid is None
+    doc["local_services"][0]["uid"] = "1001"
+    with pytest.raises(SnapshotFormatError, match=r"local_services\[0\]\.uid: wrong type"):
+        from_json(json.dumps(doc).encode())
 
 
 @given(

@@ -24,9 +24,6 @@ _node_name = fields.matching(
 _datacenter = fields.matching(
     r"[a-z0-9](?:[a-z0-9_-]{0,62})?", "a datacenter name like 'dc1' (lowercase, 1-63)"
 )
-_user = fields.matching(
-    r"[A-Za-z_][A-Za-z0-9_.-]{0,31}|\d{1,10}", "a user name or numeric uid like 'meshd'"
-)
 
 
 @dataclass(frozen=True)
@@ -228,7 +225,7 @@ def _proxy(table: Table) -> ProxyConfig:
         outbound_port=table.get("outbound_port", fields.port, d.outbound_port),
         inbound_port=table.get("inbound_port", fields.port, d.inbound_port),
         admin_port=table.get("admin_port", fields.port, d.admin_port),
-        user=table.get("user", _user, d.user),
+        user=table.get("user", fields.user, d.user),
         idle_timeout=table.get("idle_timeout", fields.duration(1, 7 * 24 * HOUR), d.idle_timeout),
         connect_timeout=table.get("connect_timeout", fields.duration(0.01, 60), d.connect_timeout),
         drain_timeout=table.get("drain_timeout", fields.duration(0, HOUR), d.drain_timeout),

@@ -233,3 +233,9 @@ def network(value: object) -> Network:
     except ValueError:
         raise Invalid(f"expected a CIDR like '10.0.0.0/8', got {show(value)}") from None
     raise Invalid(f"host bits set in {value!r} (did you mean '{meant}'?)")
+
+
+#: A user on the host, by name or numeric uid (resolved where the file is used).
+user = matching(
+    r"[A-Za-z_][A-Za-z0-9_.-]{0,31}|\d{1,10}", "a user name or numeric uid like 'meshd'"
+)

@@ -71,6 +71,9 @@ class ServiceConfig:
         tags: Consul tags.
         meta: Consul service meta (read-only mapping; excluded from the hash).
         upstreams: names of the services this application calls.
+        user: the user (name or uid) the application's processes run as; ``""`` for not
+            said. When any service of a host says, an outbound connection gets the identity
+            of the service whose user opened it (docs/adr/006).
         checks: health checks; a tcp check on the port unless the file says otherwise.
         source: the file this came from (not compared).
     """
@@ -85,6 +88,7 @@ class ServiceConfig:
         default_factory=lambda: MappingProxyType({}), hash=False
     )
     upstreams: tuple[str, ...] = ()
+    user: str = ""
     checks: tuple[CheckConfig, ...] = (CheckConfig(),)
     source: Path | None = field(default=None, compare=False)
 
@@ -171,7 +175,9 @@ def _service(root: Table, source: Path | None) -> ServiceConfig:
     if "service" not in root.data:
         raise root.error("service", "required table is missing")
     table = root.table("service")
-    table.only("name", "id", "port", "address", "protocol", "tags", "meta", "upstreams", "checks")
+    table.only(
+        "name", "id", "port", "address", "protocol", "tags", "meta", "upstreams", "user", "checks"
+    )
     name = table.require("name", service_name)
     checks = table.tables("checks")
     return ServiceConfig(
@@ -183,6 +189,7 @@ def _service(root: Table, source: Path | None) -> ServiceConfig:
         tags=table.get("tags", fields.list_of(_tag), ()),
         meta=table.get("meta", _meta, MappingProxyType({})),
         upstreams=table.get("upstreams", _upstreams, ()),
+        user=table.get("user", fields.user, ""),
         checks=(CheckConfig(),) if checks is None else tuple(_check(t) for t in checks),
         source=source,
     )

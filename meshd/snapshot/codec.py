@@ -44,6 +44,7 @@ def to_json(snapshot: Snapshot) -> bytes:
                 "port": s.port,
                 "protocol": s.protocol,
                 "upstreams": list(s.upstreams),
+                **({} if s.uid is None else {"uid": s.uid}),
             }
             for s in snapshot.local_services
         ],
@@ -73,10 +74,12 @@ def to_json(snapshot: Snapshot) -> bytes:
 class _Reader:
     """Typed access to a JSON object that remembers where it is, for error messages."""
 
-    def __init__(self, obj: object, where: str, keys: frozenset[str]) -> None:
+    def __init__(
+        self, obj: object, where: str, keys: frozenset[str], optional: frozenset[str] = frozenset()
+    ) -> None:
         if not isinstance(obj, dict):
             raise SnapshotFormatError(f"snapshot {where}: expected an object")
-        unknown = set(obj) - keys
+        unknown = set(obj) - keys - optional
         missing = keys - set(obj)
         if unknown or missing:
             raise SnapshotFormatError(
@@ -91,6 +94,10 @@ class _Reader:
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise SnapshotFormatError(f"snapshot {self.where}.{key}: wrong type {value!r:.60}")
         return value
+
+    def optional(self, key: str, kind: type[Any]) -> Any:
+        """The value of an optional key (None when absent; present, it must be *kind*)."""
+        return self.get(key, kind) if key in self.obj else None
 
     def b64(self, key: str) -> bytes | None:
         value = self.get(key, (str, type(None)))
@@ -113,8 +120,11 @@ def _str_map(value: object, where: str) -> dict[str, str]:
 
 
 def _local(obj: object, where: str) -> LocalService:
-    r = _Reader(obj, where, frozenset({"name", "service_id", "port", "protocol", "upstreams"}))
+    # "uid" is written only when set, so snapshots persisted before it existed still load.
+    keys = frozenset({"name", "service_id", "port", "protocol", "upstreams"})
+    r = _Reader(obj, where, keys, optional=frozenset({"uid"}))
     upstreams = r.get("upstreams", list)
+    uid = r.optional("uid", int)
     if not all(isinstance(u, str) for u in upstreams):
         raise SnapshotFormatError(f"snapshot {where}.upstreams: expected strings")
     return LocalService(
@@ -123,6 +133,7 @@ def _local(obj: object, where: str) -> LocalService:
         port=r.get("port", int),
         protocol=r.get("protocol", str),
         upstreams=tuple(upstreams),
+        uid=uid,
     )
 
 

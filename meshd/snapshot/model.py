@@ -36,6 +36,7 @@ class LocalService:
         port: the port the application listens on; the inbound proxy forwards here.
         protocol: ``tcp`` (L4) or ``http`` (L7).
         upstreams: service names the application declares it calls.
+        uid: the uid the application runs as (``[service] user``), or None if not said.
     """
 
     name: str
@@ -43,6 +44,7 @@ class LocalService:
     port: int
     protocol: Protocol = "tcp"
     upstreams: tuple[str, ...] = ()
+    uid: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -51,6 +53,8 @@ class LocalService:
             raise ValueError(f"local service {self.name}: port {self.port} not in 1..65535")
         if self.protocol not in ("tcp", "http"):
             raise ValueError(f"local service {self.name}: protocol {self.protocol!r}")
+        if self.uid is not None and not 0 <= self.uid < 2**32 - 1:
+            raise ValueError(f"local service {self.name}: uid {self.uid} is not a user id")
         object.__setattr__(self, "upstreams", tuple(sorted(set(self.upstreams))))
 
 
