@@ -1,16 +1,17 @@
 """The agent's admin endpoint: ``/metrics``, ``/ready``, ``/stats`` and ``/snapshot``.
 
-It listens on loopback by default and serves GET only. Requests are read with a size limit
-and a deadline, answered, and the connection closed: the endpoint exists for Prometheus
-and operators, not for throughput. Nothing it serves contains a secret (the snapshot holds
-only public material; statistics hold no keys or tokens).
+It listens on loopback and serves GET only; :func:`serve_metrics` serves ``/metrics``
+alone on the metrics port, on every address, for Prometheus on other hosts. Requests are
+read with a size limit and a deadline, answered, and the connection closed: the endpoint
+exists for Prometheus and operators, not for throughput. Nothing it serves contains a
+secret (the snapshot holds only public material; statistics hold no keys or tokens).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,17 +86,32 @@ _ROUTES: dict[str, Callable[[AdminSources], bytes]] = {
 }
 
 
-def route(sources: AdminSources, method: str, path: str) -> bytes:
+#: What the metrics port serves to other hosts: the metrics, and nothing else.
+_METRICS_ONLY: dict[str, Callable[[AdminSources], bytes]] = {"/metrics": _metrics}
+#: Connections the metrics port serves at once; more are closed on arrival.
+MAX_METRICS_CONNECTIONS = 16
+
+
+def route(
+    sources: AdminSources,
+    method: str,
+    path: str,
+    routes: Mapping[str, Callable[[AdminSources], bytes]] = _ROUTES,
+) -> bytes:
     """The full HTTP response for one request (pure apart from reading *sources*)."""
     if method != "GET":
         return _response("405 Method Not Allowed", b"GET only\n", "text/plain")
-    handler = _ROUTES.get(path.split("?", 1)[0])
+    handler = routes.get(path.split("?", 1)[0])
     if handler is None:
         return _response("404 Not Found", b"not found\n", "text/plain")
     return handler(sources)
 
 
-async def _handle(sources: AdminSources, stream: trio.SocketStream) -> None:
+async def _handle(
+    sources: AdminSources,
+    stream: trio.SocketStream,
+    routes: Mapping[str, Callable[[AdminSources], bytes]] = _ROUTES,
+) -> None:
     async with stream:
         data = b""
         with trio.move_on_after(REQUEST_TIMEOUT_S):
@@ -109,7 +125,7 @@ async def _handle(sources: AdminSources, stream: trio.SocketStream) -> None:
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             await stream.send_all(_response("400 Bad Request", b"bad request\n", "text/plain"))
             return
-        await stream.send_all(route(sources, parts[0], parts[1]))
+        await stream.send_all(route(sources, parts[0], parts[1], routes))
 
 
 async def serve_admin(
@@ -124,4 +140,38 @@ async def serve_admin(
     bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, lambda s: _handle(sources, s), listeners)
+        task_status.started(bound)
+
+
+async def serve_metrics(
+    sources: AdminSources,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/metrics`` alone on *host*:*port* (every address for ``""``) until cancelled,
+    for Prometheus on other hosts; reports the bound port.
+
+    Everything else of the admin endpoint (``/snapshot``, ``/stats``) stays on loopback.
+    At most :data:`MAX_METRICS_CONNECTIONS` are served at once, each for at most
+    ``REQUEST_TIMEOUT_S`` of reading; more are closed on arrival.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    bound = listeners[0].socket.getsockname()[1]
+    active = 0
+
+    async def handle(stream: trio.SocketStream) -> None:
+        nonlocal active
+        if active >= MAX_METRICS_CONNECTIONS:
+            await stream.aclose()
+            return
+        active += 1
+        try:
+            await _handle(sources, stream, _METRICS_ONLY)
+        finally:
+            active -= 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, handle, listeners)
         task_status.started(bound)

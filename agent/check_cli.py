@@ -221,14 +221,19 @@ async def _consul(config: AgentConfig, config_path: Path, uid: int | None) -> li
 
 def _ports(config: AgentConfig) -> Iterator[Check]:
     proxy = config.proxy
-    for name, port in (
-        ("outbound port", proxy.outbound_port),
-        ("inbound port", proxy.inbound_port),
-        ("admin port", proxy.admin_port),
-    ):
-        with socket.socket() as sock:
+    ports = [
+        ("outbound port", proxy.outbound_port, "127.0.0.1"),
+        ("inbound port", proxy.inbound_port, "127.0.0.1"),
+        ("admin port", proxy.admin_port, "127.0.0.1"),
+    ]
+    if proxy.metrics_port:
+        # Where it will listen: every address, unless metrics_address says one.
+        every = "0.0.0.0"  # noqa: S104
+        ports.append(("metrics port", proxy.metrics_port, proxy.metrics_address or every))
+    for name, port, host in ports:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind((host, port))
             except OSError as exc:
                 yield Check(name, "warn", f"{port}: {exc.strerror} (is the agent running?)")
                 continue

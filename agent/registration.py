@@ -120,19 +120,21 @@ def ttl_check_id(service_id: str, n: int, kind: str) -> str | None:
 
 
 def agent_registration(
-    *, service_id: str, admin_port: int, address: str | None = None, ttl_s: float = 15.0
+    *, service_id: str, metrics_port: int, address: str | None = None, ttl_s: float = 15.0
 ) -> ServiceRegistration:
-    """The agent's own registration: a TTL check it keeps passing, its admin port in meta.
+    """The agent's own registration: a TTL check it keeps passing, its metrics port as the
+    service's port and in meta (none when the metrics port is off, 0).
 
     Prometheus finds agents through ``consul_sd_configs`` on service ``meshd-agent``.
     """
+    metrics = {META_METRICS_PORT: str(metrics_port)} if metrics_port else {}
     return ServiceRegistration(
         name=AGENT_SERVICE,
         service_id=service_id,
         address=address,
-        port=admin_port,
+        port=metrics_port,
         tags=("meshd",),
-        meta={META_VERSION: __version__, META_METRICS_PORT: str(admin_port)},
+        meta={META_VERSION: __version__, **metrics},
         checks=(CheckDefinition(kind="ttl", ttl_s=ttl_s, check_id=f"{service_id}:ttl"),),
     )
 
@@ -314,7 +316,7 @@ async def serve_registration(
     services: Iterable[ServiceConfig],
     *,
     agent_service_id: str,
-    admin_port: int,
+    metrics_port: int,
     inbound_port: int = 15006,
     address: str | None = None,
     check_host: str = "127.0.0.1",
@@ -333,7 +335,7 @@ async def serve_registration(
         consul: client of the local Consul agent.
         services: the current service files (later changes go to :meth:`Registrar.sync`).
         agent_service_id: the agent's own service id (unique per host).
-        admin_port: the agent's admin/metrics port (advertised for Prometheus).
+        metrics_port: the agent's metrics port (advertised for Prometheus; 0: none).
         inbound_port: the inbound proxy's port (advertised in service meta).
         address: the agent's advertised address (None: Consul uses the node's).
         check_host: where Consul's checks reach applications without an address.
@@ -344,7 +346,7 @@ async def serve_registration(
         task_status: started with the :class:`Registrar`.
     """
     agent = agent_registration(
-        service_id=agent_service_id, admin_port=admin_port, address=address, ttl_s=ttl_s
+        service_id=agent_service_id, metrics_port=metrics_port, address=address, ttl_s=ttl_s
     )
     registrar = Registrar(consul, agent, inbound_port=inbound_port, check_host=check_host)
     if services_ready is not None:

@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from agent.accesslog import JsonLog
-from agent.admin import AdminSources, serve_admin
+from agent.admin import AdminSources, serve_admin, serve_metrics
 from agent.certifier import Certifier, CertifierSettings, Endpoints
 from agent.discovery import DestinationResolver, consul_lookup, serve_discovery
 from agent.epollpump import open_pump
@@ -143,7 +143,7 @@ async def serve_agent(
                 consul,
                 options.services,
                 agent_service_id=f"meshd-agent-{cfg.agent.node_name}",
-                admin_port=cfg.proxy.admin_port,
+                metrics_port=cfg.proxy.metrics_port,
                 inbound_port=cfg.proxy.inbound_port,
                 address=options.agent_address,
                 # Callers reach a service only once its proxy can present its certificate.
@@ -177,12 +177,14 @@ async def serve_agent(
                 log=log,
                 level=cfg.log.level,
             )
-        admin_port = await background.start(
-            serve_admin,
-            _admin_sources(metrics, pipeline, registrar, resolver, conns, workers, deps.limits),
-            "127.0.0.1",
-            cfg.proxy.admin_port,
+        sources = _admin_sources(
+            metrics, pipeline, registrar, resolver, conns, workers, deps.limits
         )
+        admin_port = await background.start(serve_admin, sources, "127.0.0.1", cfg.proxy.admin_port)
+        if cfg.proxy.metrics_port:
+            await background.start(
+                serve_metrics, sources, cfg.proxy.metrics_address, cfg.proxy.metrics_port
+            )
         background.start_soon(
             _serve_policy_enforcement,
             pipeline,

@@ -82,7 +82,7 @@ def redirect_spec(config: AgentConfig, services: Iterable[ServiceConfig], uid: i
         exclude_uids=tuple(r.exclude_uids),
         exclude_inbound_ports=tuple(r.exclude_inbound_ports),
         exclude_outbound_cidrs=tuple(str(n) for n in r.exclude_outbound_cidrs),
-        agent_ports=(config.proxy.admin_port,),
+        agent_ports=tuple(p for p in (config.proxy.admin_port, config.proxy.metrics_port) if p),
         ipv6=r.ipv6,
     )
     if r.exclude_outbound_ports:

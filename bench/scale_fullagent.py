@@ -40,6 +40,7 @@ def _config(workdir: Path, consul: TestConsul, upstreams: int) -> Path:
         f'[consul]\naddress = "{consul.address}"\n'
         f"[proxy]\noutbound_port = {free_port()}\ninbound_port = {free_port()}\n"
         f'admin_port = {free_port()}\nuser = "{os.getuid()}"\n'
+        f'metrics_port = {free_port()}\nmetrics_address = "127.0.0.1"\n'
         "[redirect]\nenabled = false\n"
     )
     return config

@@ -36,7 +36,7 @@ def prepare(agent: ConsulAgentProcess, root: Path) -> Path:
     (root / "services.d" / "web.toml").write_text('[service]\nname = "web"\nport = 8080\n')
     write_secret(root / "consul.token", agent.token.encode())
     write_secret(root / "bootstrap.token", b"mbt1.not-checked-here")
-    outbound, inbound, admin = free_ports(3)
+    outbound, inbound, admin, metrics = free_ports(4)
     config = root / "agent.toml"
     config.write_text(
         f'[agent]\nnode_name = "h1"\nstate_dir = "{root / "state"}"\n'
@@ -44,7 +44,8 @@ def prepare(agent: ConsulAgentProcess, root: Path) -> Path:
         f'bootstrap_token_file = "{root / "bootstrap.token"}"\n'
         f'[consul]\naddress = "{agent.http_address}"\ntoken_file = "{root / "consul.token"}"\n'
         f'[proxy]\nuser = "{os.geteuid()}"\noutbound_port = {outbound}\n'
-        f"inbound_port = {inbound}\nadmin_port = {admin}\n"
+        f"inbound_port = {inbound}\nadmin_port = {admin}\nmetrics_port = {metrics}\n"
+        'metrics_address = "127.0.0.1"\n'
     )
     return config
 

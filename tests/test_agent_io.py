@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from agent.accesslog import JsonLog
-from agent.admin import AdminSources, route, serve_admin
+from agent.admin import MAX_METRICS_CONNECTIONS, AdminSources, route, serve_admin, serve_metrics
 from agent.listener import inherited_sockets, open_listener, serve_accept_loop
 from agent.metrics import AgentMetrics
 from agent.setup import require_running_as
@@ -59,6 +59,40 @@ async def test_admin_serves_over_tcp_and_rejects_garbage() -> None:
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
             await stream.send_all(b"\x16\x03\x01 not http\r\n\r\n")
             assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 400")
+        nursery.cancel_scope.cancel()
+
+
+async def get(port: int, path: str) -> bytes:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        reply = b""
+        while chunk := await stream.receive_some(4096):
+            reply += chunk
+    return reply
+
+
+async def test_the_metrics_port_serves_the_metrics_alone_to_a_bounded_number_of_clients() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_metrics, sources(), "127.0.0.1", 0)
+        reply = await get(port, "/metrics")
+        assert reply.startswith(b"HTTP/1.1 200 OK") and b"meshd_tcp_connections_total{" in reply
+        for path in ("/snapshot", "/stats", "/ready", "/"):  # loopback's only
+            assert (await get(port, path)).startswith(b"HTTP/1.1 404"), path
+        # Clients that send nothing hold their slot for the request deadline; one more than
+        # the limit is closed on arrival, and the held ones still get their answer.
+        held = [
+            await trio.open_tcp_stream("127.0.0.1", port) for _ in range(MAX_METRICS_CONNECTIONS)
+        ]
+        await trio.sleep(0.2)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as extra:
+            with trio.fail_after(2):
+                assert await extra.receive_some(4096) == b""  # closed without a word
+        for stream in held:
+            await stream.send_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            with trio.fail_after(2):
+                assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200 OK")
+            await stream.aclose()
+        assert (await get(port, "/metrics")).startswith(b"HTTP/1.1 200 OK")
         nursery.cancel_scope.cancel()
 
 

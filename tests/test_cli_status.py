@@ -85,7 +85,9 @@ def test_status_names_each_problem_and_passes_once_they_are_fixed(
     web = meshed("web", 8080, ttl=True)
     db = meshed("db", 5432, ttl=True)  # its TTL check stays critical
     legacy = ServiceRegistration(name="legacy", service_id="legacy-1", port=7000)
-    agents = [agent_registration(service_id=f"meshd-agent-h{n}", admin_port=15000) for n in (1, 2)]
+    agents = [
+        agent_registration(service_id=f"meshd-agent-h{n}", metrics_port=15020) for n in (1, 2)
+    ]
     trio.run(register, agent, server("s1"), web, db, legacy, *agents)
     trio.run(check_pass, agent, "meshd-s1:ttl", "meshd-agent-h1:ttl", "web:ttl:0")
     code, out = run(agent, "intention", "create", "web", "db", "--allow")

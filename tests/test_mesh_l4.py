@@ -7,6 +7,7 @@ certificates issued by a running meshd server, and a real Consul cluster.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import signal
 import subprocess
@@ -143,6 +144,43 @@ def test_the_agent_runs_as_its_own_user_and_root_is_meshed_like_any_app(mesh: Me
                 "--clear-groups", *exchange_argv(api.address, API_PORT, MARKER)]  # fmt: skip
     bypassed = web.host.run(as_agent, check=False)
     assert MARKER.decode() not in bypassed.stdout, bypassed
+
+
+def http_get(address: str, port: int, path: str) -> tuple[int, bytes]:
+    """GET from the root namespace, as a Prometheus server elsewhere would."""
+    conn = http.client.HTTPConnection(address, port, timeout=5)
+    try:
+        conn.request("GET", path)
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
+
+
+def test_prometheus_elsewhere_finds_every_agent_in_consul_and_scrapes_only_metrics(
+    mesh: Mesh,
+) -> None:
+    """``consul_sd_configs`` on ``meshd-agent``, done by hand from outside the hosts: each
+    agent is registered with its metrics port, which serves ``/metrics`` on the host's
+    address and nothing else; the admin endpoint is not reachable from there."""
+    consul = mesh.consul_env()["CONSUL_HTTP_ADDR"].removeprefix("http://")
+    host, port = consul.rsplit(":", 1)
+    status, body = http_get(host, int(port), "/v1/catalog/service/meshd-agent")
+    assert status == 200, body
+    agents = {e["Node"]: e for e in json.loads(body)}
+    assert set(agents) == {"web", "api", "db"}, sorted(agents)
+    for node, entry in agents.items():
+        address = entry["ServiceAddress"] or entry["Address"]
+        assert address == mesh.lab.hosts[node].address
+        assert (
+            entry["ServicePort"] == 15020 and entry["ServiceMeta"]["meshd-metrics-port"] == "15020"
+        )
+        status, metrics = http_get(address, entry["ServicePort"], "/metrics")
+        assert status == 200 and b"meshd_tcp_connections_total" in metrics, node
+        for path in ("/snapshot", "/stats"):
+            assert http_get(address, entry["ServicePort"], path)[0] == 404, (node, path)
+        with pytest.raises(ConnectionRefusedError):
+            http_get(address, 15000, "/snapshot")  # the admin endpoint: loopback only
 
 
 def test_without_an_intention_the_default_deny_refuses(mesh: Mesh) -> None:

@@ -91,7 +91,7 @@ async def test_services_and_agent_registered_with_checks(
                 consul,
                 [web],
                 agent_service_id=f"agent-{uid}",
-                admin_port=15000,
+                metrics_port=15020,
                 ttl_s=1.5,
                 task_status=task_status,
             )
@@ -100,7 +100,7 @@ async def test_services_and_agent_registered_with_checks(
         assert services[web.id]["Tags"] == ["blue"]
         assert services[web.id]["Meta"]["meshd"] and services[web.id]["Meta"][META_PROXY_PORT]
         agent = services[f"agent-{uid}"]
-        assert agent["Service"] == AGENT_SERVICE and agent["Meta"]["meshd-metrics-port"] == "15000"
+        assert agent["Service"] == AGENT_SERVICE and agent["Meta"]["meshd-metrics-port"] == "15020"
         checks = await local_checks(consul_agent)
         mine = {c["Type"] for c in checks.values() if c["ServiceID"] == web.id}
         assert mine == {"tcp", "http", "ttl"}
@@ -138,7 +138,7 @@ async def test_removed_service_deregistered_and_restored_behind_our_back(
                 consul,
                 [a, b],
                 agent_service_id=f"agent-{uid}",
-                admin_port=15000,
+                metrics_port=15020,
                 anti_entropy_s=0.5,
                 task_status=task_status,
             )
@@ -172,7 +172,7 @@ async def test_reregisters_after_consul_restart(
                 consul,
                 [web],
                 agent_service_id="agent-1",
-                admin_port=15000,
+                metrics_port=15020,
                 ttl_s=1.5,
                 anti_entropy_s=3600,  # only the TTL failure may restore it
                 task_status=task_status,
@@ -209,7 +209,7 @@ async def test_services_wait_for_services_ready_while_the_agent_registers_at_onc
                 consul,
                 [web],
                 agent_service_id=f"agent-{uid}",
-                admin_port=15000,
+                metrics_port=15020,
                 ttl_s=0.6,
                 services_ready=gate.wait,
                 task_status=task_status,

@@ -63,7 +63,10 @@ class ProxyConfig:
     Attributes:
         outbound_port: where redirected outbound connections arrive.
         inbound_port: where redirected inbound connections arrive.
-        admin_port: metrics, health and the admin endpoint.
+        admin_port: metrics, health and the admin endpoint, on loopback only.
+        metrics_port: ``/metrics`` alone, for Prometheus on other hosts (the port the agent
+            registers in Consul); 0 turns it off.
+        metrics_address: where the metrics port listens; ``""`` for every address.
         user: the user the proxy runs as; its connections are never redirected.
         idle_timeout: close a connection with no bytes either way for this long.
         connect_timeout: give up connecting to one endpoint after this long.
@@ -88,6 +91,8 @@ class ProxyConfig:
     outbound_port: int = 15001
     inbound_port: int = 15006
     admin_port: int = 15000
+    metrics_port: int = 15020
+    metrics_address: str = ""
     user: str = "meshd"
     idle_timeout: float = HOUR
     connect_timeout: float = 2.0
@@ -216,15 +221,18 @@ MAX_CONNECTIONS = 1_000_000
 
 
 def _proxy(table: Table) -> ProxyConfig:
-    ports = ("outbound_port", "inbound_port", "admin_port")
+    ports = ("outbound_port", "inbound_port", "admin_port", "metrics_port")
     timeouts = ("idle_timeout", "connect_timeout", "drain_timeout")
-    table.only(*ports, "user", *timeouts, "engine", "close_denied", *WARM, "workers", *LIMITS)
+    table.only(*ports, "metrics_address", "user", *timeouts, "engine", "close_denied", *WARM,
+               "workers", *LIMITS)  # fmt: skip
     d = ProxyConfig()
     max_connections, per_source = _connection_limits(table, d)
     config = ProxyConfig(
         outbound_port=table.get("outbound_port", fields.port, d.outbound_port),
         inbound_port=table.get("inbound_port", fields.port, d.inbound_port),
         admin_port=table.get("admin_port", fields.port, d.admin_port),
+        metrics_port=table.get("metrics_port", fields.integer(0, 65535), d.metrics_port),
+        metrics_address=table.get("metrics_address", _any_or_host, d.metrics_address),
         user=table.get("user", fields.user, d.user),
         idle_timeout=table.get("idle_timeout", fields.duration(1, 7 * 24 * HOUR), d.idle_timeout),
         connect_timeout=table.get("connect_timeout", fields.duration(0.01, 60), d.connect_timeout),
@@ -240,14 +248,18 @@ def _proxy(table: Table) -> ProxyConfig:
         max_connections=max_connections,
         max_unverified_per_source=per_source,
     )
-    # The three listeners share the host's port space: a clash would fail at bind time,
-    # far from the line that caused it.
+    # The listeners share the host's port space: a clash would fail at bind time, far from
+    # the line that caused it. (A metrics port of 0 is no listener.)
     for index, name in enumerate(ports):
         for earlier in ports[:index]:
-            if getattr(config, name) == getattr(config, earlier):
+            if getattr(config, name) == getattr(config, earlier) != 0:
                 value = getattr(config, name)
                 raise table.error(name, f"same port as {table.key(earlier)} ({value})")
     return config
+
+
+def _any_or_host(value: object) -> str:
+    return "" if value == "" else fields.host(value)
 
 
 def _connection_limits(table: Table, d: ProxyConfig) -> tuple[int, int]:
