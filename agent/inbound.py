@@ -18,7 +18,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -358,6 +358,8 @@ async def _forward(
             )
     finally:
         conns.remove(entry)
+    if early and result is not None:  # sent to the application before the pump began
+        result = replace(result, bytes_a_to_b=result.bytes_a_to_b + len(early))
     outcome = "closed_by_policy" if entry.scope.cancelled_caught else "closed"
     finish(
         deps,

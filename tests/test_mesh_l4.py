@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from meshlab.mesh import Mesh, exchange_argv, unit_capabilities
+from meshlab.mesh import BIN, Mesh, exchange_argv, unit_capabilities
 from meshlab.netns import Host
 from tests.plugins.mesh import API_PORT, DB_PORT, WEB_AGENT_UID
 
@@ -181,6 +181,51 @@ def test_prometheus_elsewhere_finds_every_agent_in_consul_and_scrapes_only_metri
             assert http_get(address, entry["ServicePort"], path)[0] == 404, (node, path)
         with pytest.raises(ConnectionRefusedError):
             http_get(address, 15000, "/snapshot")  # the admin endpoint: loopback only
+
+
+def consul_put(mesh: Mesh, path: str, body: object = None) -> None:
+    host, port = mesh.lab.server_address, 8500
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("PUT", path, body=None if body is None else json.dumps(body))
+        reply = conn.getresponse()
+        assert reply.status == 200, reply.read()
+    finally:
+        conn.close()
+
+
+def test_meshctl_stat_adds_up_every_agents_counters_and_names_one_it_cannot_read(
+    mesh: Mesh,
+) -> None:
+    """``meshctl stat`` from outside the hosts, while web calls api: api's calls in the
+    window are counted (inbound at api, none failed), and an agent registered in Consul whose
+    metrics port answers nothing is named, with exit 1."""
+    mesh.meshctl("intention", "create", "web", "api", "--allow", "--replace")
+    api = mesh.lab.hosts["api"]
+    assert call_until(mesh, "web", api.address, API_PORT, ok=True).returncode == 0
+    ghost = {"Name": "meshd-agent", "ID": "meshd-agent-ghost", "Port": 9,
+             "Address": mesh.lab.root_address, "Meta": {"meshd-metrics-port": "9"}}  # fmt: skip
+    consul_put(mesh, "/v1/agent/service/register", ghost)
+    try:
+        argv = [str(BIN / "meshctl"), "stat", "--window", "4", "--format", "json"]
+        with subprocess.Popen(
+            argv, env=mesh.consul_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as proc:
+            time.sleep(1.0)  # the first scrape
+            calls = [mesh.call("web", api.address, API_PORT, MARKER) for _ in range(8)]
+            out, err = proc.communicate(timeout=30)
+    finally:
+        consul_put(mesh, "/v1/agent/service/deregister/meshd-agent-ghost")
+    assert all(c.returncode == 0 for c in calls), calls
+    assert proc.returncode == 1, out + err
+    found = json.loads(out)
+    assert found["agents_scraped"] == 3, found
+    (unreachable,) = found["agents_unreachable"]
+    assert unreachable.startswith(f"{mesh.lab.root_address}:9: "), unreachable
+    by_service = {s["service"]: s for s in found["services"]}
+    assert by_service["api"]["connections"] >= 8 and by_service["api"]["success"] == 1.0, found
+    assert by_service["api"]["bytes_in"] >= 8 * len(MARKER), found
+    assert by_service["api"]["caller_failures"] == 0 and by_service["api"]["denied"] == 0
 
 
 def test_without_an_intention_the_default_deny_refuses(mesh: Mesh) -> None:
