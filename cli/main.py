@@ -11,6 +11,7 @@ import click
 from cli.ca import ca as ca_cli
 from cli.config_cmd import config as config_cli
 from cli.intention import intention as intention_cli
+from cli.proxy import proxy as proxy_cli
 from cli.stat import stat as stat_cli
 from cli.status import services as services_cli
 from cli.status import status as status_cli
@@ -22,8 +23,8 @@ from meshd.console import run_cli
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meshctl")
 def meshctl() -> None:
-    """Operate a meshd service mesh: status, services, stat, CA, tokens, intentions, mesh
-    config."""
+    """Operate a meshd service mesh: status, services, stat, proxy snapshot, CA, tokens,
+    intentions, mesh config."""
 
 
 meshctl.add_command(token_cli)
@@ -33,6 +34,7 @@ meshctl.add_command(ca_cli)
 meshctl.add_command(status_cli)
 meshctl.add_command(services_cli)
 meshctl.add_command(stat_cli)
+meshctl.add_command(proxy_cli)
 
 
 def main() -> None:

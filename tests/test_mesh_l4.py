@@ -19,7 +19,7 @@ import pytest
 
 from meshlab.mesh import BIN, Mesh, exchange_argv, unit_capabilities
 from meshlab.netns import Host
-from tests.plugins.mesh import API_PORT, DB_PORT, WEB_AGENT_UID
+from tests.plugins.mesh import API_PORT, DB_PORT, WEB_AGENT_UID, WEB_PORT
 
 pytestmark = [pytest.mark.netns, pytest.mark.consul]
 
@@ -181,6 +181,18 @@ def test_prometheus_elsewhere_finds_every_agent_in_consul_and_scrapes_only_metri
             assert http_get(address, entry["ServicePort"], path)[0] == 404, (node, path)
         with pytest.raises(ConnectionRefusedError):
             http_get(address, 15000, "/snapshot")  # the admin endpoint: loopback only
+
+
+def test_meshctl_proxy_snapshot_on_a_host_shows_what_its_agent_enforces(mesh: Mesh) -> None:
+    web, api = mesh.hosts["web"].host, mesh.lab.hosts["api"]
+    res = web.run([str(BIN / "meshctl"), "proxy", "snapshot"], check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith("Snapshot: version ")
+    assert "Mesh config: mTLS strict, default deny" in res.stdout  # no document: defaults
+    assert "Trust bundle: " in res.stdout and "NONE" not in res.stdout
+    local = res.stdout.split("Local services:\n", 1)[1].splitlines()[1].split()
+    assert local == ["web", "web", str(WEB_PORT), "tcp", "-", "api"], res.stdout
+    assert f"api      1          {api.address}:{API_PORT}" in res.stdout, res.stdout
 
 
 def consul_put(mesh: Mesh, path: str, body: object = None) -> None:
