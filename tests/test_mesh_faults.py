@@ -451,6 +451,8 @@ def test_redirect_is_live_exclusions_reach_real_targets_and_restarts_change_no_r
                 str(EXCLUDED_PORT),
                 "--agent-port",
                 "15000",
+                "--agent-port",
+                "15020",
                 "--probe",
                 f"{api.address}:80",
                 "--probe",
