@@ -178,6 +178,8 @@ async def _serve_inbound(
         return
     accepted = await _accept(deps, view, local, conn, client)
     if isinstance(accepted, str):
+        if isinstance(accepted, PeerFailure):
+            deps.limits.inbound.failed(ticket, trio.current_time())
         _refuse(deps, conn, client, local.name, started, accepted)
         return
     downstream, source = accepted
@@ -201,6 +203,13 @@ async def _serve_inbound(
     await _forward(
         deps, view, conns, downstream, source, local, (address, port), started, client, early
     )
+
+
+class PeerFailure(str):
+    """A refusal the peer caused by its TLS: a failed handshake or peer verification. It
+    counts against the peer's source address (``[proxy] max_failures_per_source``)."""
+
+    __slots__ = ()
 
 
 def _refuse(
@@ -284,7 +293,7 @@ async def _terminate_tls(
         tls = await handshake(conn, ctx, server_side=True, timeout=deps.timeouts.handshake)
     except TLSHandshakeError as exc:
         deps.metrics.tls_failures.labels(DIRECTION, "handshake").inc()
-        return str(exc)
+        return PeerFailure(exc)
     deps.metrics.tls_handshakes.labels(DIRECTION, "yes" if tls.session_reused else "no").inc()
     verified = _verify_client(deps, view, tls)
     if isinstance(verified, str):
@@ -307,7 +316,7 @@ def _verify_client(deps: ProxyDeps, view: DataPlaneView, tls: TLSConnection) -> 
     except PeerRejected as exc:
         tls.abort()
         deps.metrics.tls_failures.labels(DIRECTION, "peer_identity").inc()
-        return str(exc)
+        return PeerFailure(exc)
     return peer
 
 

@@ -87,7 +87,8 @@ class AgentMetrics:
         self.connections_refused = Counter(
             "meshd_connections_refused",
             "Connections reset on arrival because a connection limit was reached, by"
-            " direction and limit: max_connections, max_unverified_per_source.",
+            " direction and limit: max_connections, max_unverified_per_source,"
+            " max_failures_per_source.",
             ("direction", "limit"),
             registry=r,
         )

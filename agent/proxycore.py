@@ -59,7 +59,11 @@ class ProxyLimits:
     def of(cls, settings: ProxyConfig) -> ProxyLimits:
         """The limits under ``[proxy]`` *settings*; only the inbound proxy's are per source."""
         return cls(
-            inbound=ConnectionLimits(settings.max_connections, settings.max_unverified_per_source),
+            inbound=ConnectionLimits(
+                settings.max_connections,
+                settings.max_unverified_per_source,
+                settings.max_failures_per_source or None,
+            ),
             outbound=ConnectionLimits(settings.max_connections),
         )
 
@@ -202,7 +206,7 @@ def admit(
     refuse(conn)
     deps.metrics.connections_refused.labels(direction, decision.limit).inc()
     if decision.report:
-        where = {"source": source} if decision.limit == "max_unverified_per_source" else {}
+        where = {"source": source} if decision.limit != "max_connections" else {}
         deps.log.event(
             "connection_limit_reached",
             level="warning",

@@ -12,11 +12,17 @@ Two limits bound that, per proxy and per process:
   shown a verified mesh identity (or been admitted as plaintext). Verification ends this
   count, so it never limits established connections; it keeps one unauthenticated source
   from taking all of ``max_connections`` from everyone else.
+* ``max_failures_per_source``: TLS handshakes or peer verifications from one source that
+  failed within ``failure_window_s`` (10 s). A full handshake costs the proxy a key
+  exchange and a signature, and one that fails buys the client nothing but that cost; once
+  a source reaches the limit, its connections are refused on arrival, before any
+  handshake, until the window that began with its first counted failure ends. An honest
+  peer fails only when its certificate is wrong, and then fails anyway.
 
 A connection over either limit is refused at once (the caller resets it): a client learns
 at once instead of waiting in the kernel's backlog behind connections that will never be
 served. Refusals are counted here and reported at most once per ``REPORT_INTERVAL_S`` for
-``max_connections``, and for ``max_unverified_per_source`` once per interval per source
+``max_connections``, and for the per-source limits once per interval per source
 (remembered for the ``REPORTED_SOURCES`` most recently refused): a flood cannot flood the log
 too, and the log still names who floods.
 
@@ -28,9 +34,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-LimitName = Literal["max_connections", "max_unverified_per_source"]
+LimitName = Literal["max_connections", "max_unverified_per_source", "max_failures_per_source"]
 REPORT_INTERVAL_S = 10.0
 REPORTED_SOURCES = 256
+FAILURE_WINDOW_S = 10.0
+#: Sources whose failures are remembered; beyond it the one that failed least recently is
+#: forgotten (a flood from more addresses than this is bounded by the other limits).
+FAILING_SOURCES = 4096
 
 
 @dataclass
@@ -50,7 +60,7 @@ class Refusal:
         limit: which limit refused it.
         report: refusals since the last report, this one included, when it is time to
             report them (once per ``REPORT_INTERVAL_S`` for ``max_connections``, once per
-            interval per source for ``max_unverified_per_source``); 0 when it is not.
+            interval per source for the per-source limits); 0 when it is not.
     """
 
     limit: LimitName
@@ -66,6 +76,8 @@ class LimitStatistics:
     unverified_sources: int
     max_connections: int
     max_unverified_per_source: int
+    max_failures_per_source: int
+    failing_sources: int
     refused: dict[str, int]
 
 
@@ -83,11 +95,18 @@ class ConnectionLimits:
         max_connections: connections held at once; the next is refused.
         max_unverified_per_source: unverified connections from one source at once; None
             for no per-source limit (the outbound proxy: its clients are local processes).
+        max_failures_per_source: failed handshakes or verifications from one source within
+            *failure_window_s* before its connections are refused on arrival; None for no
+            limit.
+        failure_window_s: the window those failures are counted in.
     """
 
     max_connections: int
     max_unverified_per_source: int | None = None
+    max_failures_per_source: int | None = None
+    failure_window_s: float = FAILURE_WINDOW_S
     _connections: int = 0
+    _failures: dict[str, tuple[float, int]] = field(default_factory=dict)
     _unverified: dict[str, int] = field(default_factory=dict)
     _refused: dict[str, int] = field(default_factory=dict)
     _reporting: dict[tuple[str, str], _Reporting] = field(default_factory=dict)
@@ -96,6 +115,8 @@ class ConnectionLimits:
         """Admit a connection from *source* (an address), or say which limit refuses it."""
         if self._connections >= self.max_connections:
             return self._refuse("max_connections", "", now)
+        if self._failing(source, now):
+            return self._refuse("max_failures_per_source", source, now)
         per_source = self.max_unverified_per_source
         if per_source is not None:
             held = self._unverified.get(source, 0)
@@ -104,6 +125,28 @@ class ConnectionLimits:
             self._unverified[source] = held + 1
         self._connections += 1
         return Ticket(source, unverified=per_source is not None)
+
+    def failed(self, ticket: Ticket, now: float) -> None:
+        """*ticket*'s TLS handshake or peer verification failed at *now*: it counts against
+        its source (see ``max_failures_per_source``)."""
+        if self.max_failures_per_source is None:
+            return
+        start, count = self._failures.pop(ticket.source, (now, 0))
+        if now - start >= self.failure_window_s:
+            start, count = now, 0
+        self._failures[ticket.source] = (start, count + 1)  # most recent window last
+        if len(self._failures) > FAILING_SOURCES:
+            del self._failures[next(iter(self._failures))]
+
+    def _failing(self, source: str, now: float) -> bool:
+        limit = self.max_failures_per_source
+        if limit is None or source not in self._failures:
+            return False
+        start, count = self._failures[source]
+        if now - start >= self.failure_window_s:
+            del self._failures[source]  # its window is over: forgotten, and admitted
+            return False
+        return count >= limit
 
     def verified(self, ticket: Ticket) -> None:
         """*ticket*'s peer is verified (or admitted as plaintext): it leaves its source's
@@ -127,6 +170,8 @@ class ConnectionLimits:
             unverified_sources=len(self._unverified),
             max_connections=self.max_connections,
             max_unverified_per_source=self.max_unverified_per_source or 0,
+            max_failures_per_source=self.max_failures_per_source or 0,
+            failing_sources=len(self._failures),
             refused=dict(self._refused),
         )
 

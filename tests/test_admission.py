@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import socket
+import ssl
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,14 @@ from agent import inbound, outbound
 from agent.accesslog import JsonLog
 from agent.inbound import OpenConnections
 from agent.proxycore import ProxyLimits
-from meshd.admission import REPORT_INTERVAL_S, REPORTED_SOURCES, ConnectionLimits, Refusal, Ticket
+from meshd.admission import (
+    FAILING_SOURCES,
+    REPORT_INTERVAL_S,
+    REPORTED_SOURCES,
+    ConnectionLimits,
+    Refusal,
+    Ticket,
+)
 from meshd.config.agent import parse_agent_config
 from meshd.config.errors import ConfigError
 from meshd.snapshot import LocalService
@@ -121,6 +129,51 @@ def test_per_source_refusals_are_reported_per_source_and_remembered_boundedly() 
     assert len(limits._reporting) == REPORTED_SOURCES
     # The first sources were forgotten (least recently refused): reported again at once.
     assert refused(limits, sources[0], now=4.0).report == 1
+
+
+def test_failures_from_one_source_refuse_it_until_its_window_ends() -> None:
+    limits = ConnectionLimits(10, 10, max_failures_per_source=3, failure_window_s=10.0)
+    for now in (0.0, 1.0, 2.0):
+        ticket = admitted(limits, "a", now)
+        limits.failed(ticket, now)
+        limits.release(ticket)
+    # The third failure reaches the limit: refused on arrival, before any handshake.
+    assert refused(limits, "a", 3.0).limit == "max_failures_per_source"
+    assert refused(limits, "a", 9.9).report == 0  # reported once per interval
+    admitted(limits, "b", 3.0)  # other sources are not concerned
+    # The window began with the first failure: at 10 s it is over, and "a" is forgotten.
+    admitted(limits, "a", 10.0)
+    assert limits.statistics().failing_sources == 0
+    assert limits.statistics().refused == {"max_failures_per_source": 2}
+
+
+def test_failures_spread_over_windows_never_reach_the_limit() -> None:
+    limits = ConnectionLimits(10, 10, max_failures_per_source=3, failure_window_s=10.0)
+    for now in (0.0, 5.0, 10.0, 15.0, 20.0, 25.0):  # two per window
+        ticket = admitted(limits, "a", now)
+        limits.failed(ticket, now)
+        limits.release(ticket)
+    admitted(limits, "a", 26.0)
+
+
+def test_without_a_failure_limit_failures_are_not_even_remembered() -> None:
+    limits = ConnectionLimits(10, 10)
+    for _ in range(50):
+        ticket = admitted(limits, "a")
+        limits.failed(ticket, 0.0)
+        limits.release(ticket)
+    assert limits.statistics().failing_sources == 0
+
+
+def test_failing_sources_are_remembered_boundedly() -> None:
+    limits = ConnectionLimits(10, 10, max_failures_per_source=1)
+    for n in range(FAILING_SOURCES + 10):
+        ticket = admitted(limits, f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")
+        limits.failed(ticket, 0.0)
+        limits.release(ticket)
+    assert limits.statistics().failing_sources == FAILING_SOURCES
+    admitted(limits, "10.0.0.0")  # the first failing source was forgotten: admitted
+    assert refused(limits, "10.0.0.20").limit == "max_failures_per_source"
 
 
 class LimitsMachine(RuleBasedStateMachine):
@@ -309,6 +362,52 @@ async def test_a_flooding_source_leaves_an_honest_peer_its_connections(
             lambda: limits.statistics().unverified_sources == 0
             and limits.statistics().connections == m.conns.waiting_count,
         )
+
+
+async def test_a_source_whose_handshakes_keep_failing_is_refused_before_the_next(
+    mesh_ca: MeshCa, tmp_path: Path
+) -> None:
+    """SECURITY-TESTS E, handshake flood: 127.0.0.2 makes TLS handshakes without a client
+    certificate, each costing api's inbound proxy a key exchange and a signature. After 3
+    failures its next connection is reset on arrival, with no handshake, while web's calls
+    (127.0.0.1, verified) go through and another source still gets its handshake."""
+    async with running(mesh_ca, tmp_path) as m:
+        limits = ConnectionLimits(100, 50, max_failures_per_source=3)
+        m.api.deps.limits = ProxyLimits(inbound=limits, outbound=ConnectionLimits(10))
+        client = ssl.create_default_context()
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        failures = m.api.deps.metrics.tls_failures.labels("inbound", "handshake")
+        refusals = m.api.deps.metrics.connections_refused.labels(
+            "inbound", "max_failures_per_source"
+        )
+
+        async def without_certificate(source: str) -> None:
+            """A TLS handshake from *source* without a certificate: it must fail."""
+            stream = trio.SocketStream(
+                trio.socket.from_stdlib_socket(connect_from(source, m.inbound_port))
+            )
+            tls = trio.SSLStream(stream, client, server_hostname="api")
+            try:
+                with trio.fail_after(5):
+                    await tls.do_handshake()
+                    # TLS 1.3: the server's verdict on our certificate comes after it.
+                    assert await tls.receive_some(1) == b""
+            except trio.BrokenResourceError:
+                pass  # reset or refused in TLS: either way, no service
+            finally:
+                await stream.aclose()
+
+        for n in range(1, 4):
+            await without_certificate("127.0.0.2")
+            await m.until(f"failure {n} counted", lambda n=n: failures._value.get() == n)
+        await without_certificate("127.0.0.2")
+        await m.until("the refusal counted", lambda: refusals._value.get() == 1)
+        assert failures._value.get() == 3  # reset on arrival: no handshake was made
+        assert limits.statistics().failing_sources == 1
+        assert await m.call(b"honest") == b"api:honest"
+        await without_certificate("127.0.0.3")  # another source: a handshake, that fails
+        await m.until("its failure counted", lambda: failures._value.get() == 4)
+        assert refusals._value.get() == 1
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,10 @@ class ProxyConfig:
         max_unverified_per_source: connections into the inbound proxy from one source
             address that have not yet shown a verified identity, per process; the next
             from that source is reset (docs/adr/013).
+        max_failures_per_source: failed TLS handshakes or peer verifications at the inbound
+            proxy from one source address within 10 s, per process; once reached, that
+            source's connections are reset on arrival until its 10 s window ends
+            (docs/adr/013). 0 turns it off.
     """
 
     outbound_port: int = 15001
@@ -104,6 +108,7 @@ class ProxyConfig:
     workers: int = 1
     max_connections: int = 10_000
     max_unverified_per_source: int = 1_000
+    max_failures_per_source: int = 100
 
 
 @dataclass(frozen=True)
@@ -215,7 +220,7 @@ def _node(table: Table) -> NodeConfig:
 
 
 WARM = ("warm_connections", "warm_idle_timeout")
-LIMITS = ("max_connections", "max_unverified_per_source")
+LIMITS = ("max_connections", "max_unverified_per_source", "max_failures_per_source")
 MAX_WORKERS = 64
 MAX_CONNECTIONS = 1_000_000
 
@@ -247,6 +252,9 @@ def _proxy(table: Table) -> ProxyConfig:
         workers=table.get("workers", fields.integer(1, MAX_WORKERS), d.workers),
         max_connections=max_connections,
         max_unverified_per_source=per_source,
+        max_failures_per_source=table.get(
+            "max_failures_per_source", fields.integer(0, MAX_CONNECTIONS), d.max_failures_per_source
+        ),
     )
     # The listeners share the host's port space: a clash would fail at bind time, far from
     # the line that caused it. (A metrics port of 0 is no listener.)
