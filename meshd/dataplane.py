@@ -15,6 +15,7 @@ This module is pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from meshd.intentions import Decision, Policy, authorize, compile_policy, documents_from_raw
@@ -54,10 +55,11 @@ class DataPlaneView:
         """The intentions decision for *source* (None: anonymous) calling *destination*."""
         return authorize(self.policy, source, destination)
 
-    @property
+    @functools.cached_property
     def identifies_by_user(self) -> bool:
         """Whether a local service names its user (``[service] user``): outbound identity
-        then follows the user that opened the connection (:meth:`source_identity`)."""
+        then follows the user that opened the connection (:meth:`source_identity`). Asked
+        on every new outbound connection, so worked out once per view."""
         return any(s.uid is not None for s in self.snapshot.local_services)
 
     def source_identity(self, destination: str, owner: int | None = None) -> LocalService | str:
