@@ -16,6 +16,7 @@ import time
 import click
 import httpx
 
+from cli.intention import format_option
 from cli.output import table
 from meshd.dataplane import DataPlaneView, build_view
 from meshd.snapshot import Snapshot, SnapshotFormatError, from_json
@@ -39,11 +40,10 @@ def proxy() -> None:
     show_default=True,
     help="The agent's admin endpoint, host:port (env MESHD_ADMIN_ADDR).",
 )
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-              show_default=True, help="table for people; json: the snapshot as the agent "
-              "serves it.")  # fmt: skip
+@format_option
 def snapshot_cmd(admin: str, fmt: str) -> None:
-    """Show the snapshot this host's proxies use: services, endpoints, policy, CA."""
+    """Show the snapshot this host's proxies use: services, endpoints, policy, CA (json: as
+    the agent serves it)."""
     raw = _fetch(admin)
     try:
         snapshot = from_json(raw)
