@@ -338,7 +338,7 @@ def parse_health_service(raw: object) -> tuple[ServiceInstance, ...]:
     return tuple(sorted(instances, key=lambda i: (i.service_id, i.node)))
 
 
-_STATUS_RANK: dict[str, int] = {"passing": 0, "warning": 1, "critical": 2}
+_BY_SEVERITY: tuple[HealthStatus, ...] = ("passing", "warning", "critical")
 
 
 def _worst_status(checks: object) -> HealthStatus:
@@ -347,13 +347,9 @@ def _worst_status(checks: object) -> HealthStatus:
         return "passing"
     if not isinstance(checks, list):
         raise ResponseShapeError(f"Checks: expected a list, got {type(checks).__name__}")
-    worst: HealthStatus = "passing"
-    for check in checks:
-        status = check.get("Status") if isinstance(check, dict) else None
-        rank = _STATUS_RANK.get(status, 2) if isinstance(status, str) else 2
-        if rank > _STATUS_RANK[worst]:
-            worst = "warning" if rank == 1 else "critical"
-    return worst
+    statuses = (c.get("Status") if isinstance(c, dict) else None for c in checks)
+    severities = (_BY_SEVERITY.index(s) if s in _BY_SEVERITY else 2 for s in statuses)
+    return _BY_SEVERITY[max(severities, default=0)]
 
 
 def parse_catalog_services(raw: object) -> Mapping[str, tuple[str, ...]]:
