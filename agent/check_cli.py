@@ -79,9 +79,8 @@ def _checks(config_path: Path) -> Iterator[Check]:
         "ok" if names else "warn",
         ", ".join(names) if names else f"none in {config.agent.services_dir}: nothing to mesh",
     )
-    user = _user(config, config_path)
+    user, uid = _user(config, config_path)
     yield user
-    uid = None if user.status == "FAIL" else proxy_uid(config, str(config_path))
     if uid is not None and any(s.user for s in services):
         yield _service_users(services, uid)
     yield _state_dir(Path(config.agent.state_dir), uid)
@@ -97,27 +96,26 @@ def _checks(config_path: Path) -> Iterator[Check]:
     yield from _ports(config)
 
 
-def _user(config: AgentConfig, config_path: Path) -> Check:
+def _user(config: AgentConfig, config_path: Path) -> tuple[Check, int | None]:
+    """The proxy user's line, and its uid (None when it does not resolve)."""
     try:
         uid = proxy_uid(config, str(config_path))
     except MeshdError as exc:
-        return Check("proxy user", "FAIL", str(exc))
+        return Check("proxy user", "FAIL", str(exc)), None
     euid = os.geteuid()
     if config.redirect.enabled and euid not in (uid, 0):
-        return Check(
-            "proxy user",
-            "warn",
+        detail = (
             f"{config.proxy.user} is uid {uid}, this check runs as uid {euid}: the"
-            " agent must run as proxy.user or it refuses to intercept",
+            " agent must run as proxy.user or it refuses to intercept"
         )
+        return Check("proxy user", "warn", detail), uid
     if config.redirect.enabled and euid != uid:
-        return Check(
-            "proxy user",
-            "ok",
+        detail = (
             f"{config.proxy.user} (uid {uid}): the agent must run as this user"
-            " (systemd/meshd-agent.service does, as meshd)",
+            " (systemd/meshd-agent.service does, as meshd)"
         )
-    return Check("proxy user", "ok", f"{config.proxy.user} (uid {uid})")
+        return Check("proxy user", "ok", detail), uid
+    return Check("proxy user", "ok", f"{config.proxy.user} (uid {uid})"), uid
 
 
 def _service_users(services: tuple[ServiceConfig, ...], uid: int) -> Check:
