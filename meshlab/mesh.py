@@ -63,9 +63,14 @@ class MeshHost:
     apps: list[Process] = field(default_factory=list)
 
 
+def as_user(uid: int, argv: Sequence[str]) -> list[str]:
+    """*argv* run as *uid* (and its group), with no supplementary groups."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+
+
 def as_app_user(argv: Sequence[str]) -> list[str]:
     """*argv* run as the unprivileged application user (so its traffic is intercepted)."""
-    return ["setpriv", f"--reuid={APP_UID}", f"--regid={APP_UID}", "--clear-groups", *argv]
+    return as_user(APP_UID, argv)
 
 
 def unit_capabilities() -> tuple[list[str], list[str]]:
@@ -89,12 +94,11 @@ def as_agent_user(uid: int, argv: Sequence[str]) -> list[str]:
     ambient, bounding = unit_capabilities()
     ambient, bounding = [*ambient, "dac_read_search"], [*bounding, "dac_read_search"]
     caps = ",".join(f"+{c}" for c in ambient)
-    return [
-        "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+    return as_user(uid, [
         f"--inh-caps={caps}", f"--ambient-caps={caps}",
         "--bounding-set=-all," + ",".join(f"+{c}" for c in bounding),
         "--no-new-privs", *argv,
-    ]  # fmt: skip
+    ])  # fmt: skip
 
 
 # One TCP exchange: connect, send argv[4] (bytes via surrogateescape), half-close, print

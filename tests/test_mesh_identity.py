@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from meshlab.mesh import APP_UID, Mesh, ServiceSpec, exchange_argv
+from meshlab.mesh import APP_UID, Mesh, ServiceSpec, as_user, exchange_argv
 from meshlab.netns import LabUnavailable, open_lab
 
 pytestmark = [pytest.mark.netns, pytest.mark.consul]
@@ -55,8 +55,7 @@ def mesh() -> Iterator[Mesh]:
 def call_as(mesh: Mesh, uid: int) -> tuple[bool, str]:
     """Call api from host web as *uid*: (echoed cleanly, what came back)."""
     api = mesh.lab.hosts["api"]
-    argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-            *exchange_argv(api.address, API_PORT, PAYLOAD)]  # fmt: skip
+    argv = as_user(uid, exchange_argv(api.address, API_PORT, PAYLOAD))
     res = mesh.hosts["web"].host.run(argv, check=False, timeout=15)
     return res.returncode == 0 and PAYLOAD.decode() in res.stdout, res.stdout + res.stderr
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from meshlab.mesh import BIN, Mesh, exchange_argv, unit_capabilities
+from meshlab.mesh import BIN, Mesh, as_user, exchange_argv, unit_capabilities
 from meshlab.netns import Host
 from tests.plugins.mesh import API_PORT, DB_PORT, WEB_AGENT_UID, WEB_PORT
 
@@ -140,8 +140,7 @@ def test_the_agent_runs_as_its_own_user_and_root_is_meshed_like_any_app(mesh: Me
         time.sleep(0.05)  # the access line follows the connection's end
     assert len(mesh.events("web", "access")) > before  # web's outbound proxy carried it
 
-    as_agent = ["setpriv", f"--reuid={WEB_AGENT_UID}", f"--regid={WEB_AGENT_UID}",
-                "--clear-groups", *exchange_argv(api.address, API_PORT, MARKER)]  # fmt: skip
+    as_agent = as_user(WEB_AGENT_UID, exchange_argv(api.address, API_PORT, MARKER))
     bypassed = web.host.run(as_agent, check=False)
     assert MARKER.decode() not in bypassed.stdout, bypassed
 

@@ -26,6 +26,7 @@ from agent.sockowner import (
     parse_reply,
 )
 from meshd.config import ConfigError, ServiceConfig
+from meshlab.mesh import APP_PYTHON, as_user
 
 OTHER_UID = 64322
 # Connect, print the local port, then hold the connection until stdin closes.
@@ -48,8 +49,7 @@ def client_as(
     with socket.socket(family) as server:
         server.bind((host, 0))
         server.listen()
-        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                "/usr/bin/python3", "-c", CLIENT, host, str(server.getsockname()[1])]  # fmt: skip
+        argv = as_user(uid, [APP_PYTHON, "-c", CLIENT, host, str(server.getsockname()[1])])
         with subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         ) as proc:
@@ -109,9 +109,8 @@ def test_a_closed_client_in_time_wait_is_unknown_not_root() -> None:
         with socket.socket() as server:
             server.bind(("127.0.0.1", 0))
             server.listen()
-            argv = ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}",
-                    "--clear-groups", "/usr/bin/python3", "-c", CLIENT, "127.0.0.1",
-                    str(server.getsockname()[1])]  # fmt: skip
+            port = str(server.getsockname()[1])
+            argv = as_user(OTHER_UID, [APP_PYTHON, "-c", CLIENT, "127.0.0.1", port])
             with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
                 assert proc.stdin is not None and proc.stdout is not None
                 proc.stdout.readline()
