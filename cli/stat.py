@@ -30,10 +30,9 @@ EXIT_PROBLEMS = 1
 
 @dataclass(frozen=True)
 class Scrape:
-    """Both rounds over the agents: the merged samples of the second, how many agents were
-    read both times, and ``"address:port: why"`` for each that was not."""
+    """Both rounds over the agents: how many agents were read both times, and
+    ``"address:port: why"`` for each that was not."""
 
-    samples: Samples
     scraped: int
     failed: tuple[str, ...]
 
@@ -81,7 +80,7 @@ async def _measure(window: float) -> tuple[list[ServiceStat], Scrape]:
     )
     before = merge(page for t, page in first.pages.items() if t in both)
     after = merge(page for t, page in second.pages.items() if t in both)
-    return golden(before, after, elapsed), Scrape(after, len(both), failed)
+    return golden(before, after, elapsed), Scrape(len(both), failed)
 
 
 def _target(instance: ServiceInstance) -> str:
