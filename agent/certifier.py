@@ -139,6 +139,13 @@ class Certifier:
             ["service"],
             registry=registry,
         )  # fmt: skip
+        self._renewal = None if registry is None else Gauge(
+            "meshd_cert_renewal_timestamp_seconds",
+            "When the agent renews the service's current certificate (Unix time); renewal"
+            " is overdue while it is past.",
+            ["service"],
+            registry=registry,
+        )  # fmt: skip
         self.changed = trio.Event()
 
     def current(self, service: str) -> CertifiedKey | None:
@@ -192,8 +199,9 @@ class Certifier:
         # which would make short-lived certificates look half used at once.
         start = min(max(cert.not_before, received), cert.not_after)
         state.renew_time = renew_at(start, cert.not_after, self._rng.random())
-        if self._expiry is not None:
+        if self._expiry is not None and self._renewal is not None:
             self._expiry.labels(service=service).set(cert.not_after)
+            self._renewal.labels(service=service).set(state.renew_time)
         self.changed.set()
         self.changed = trio.Event()
 

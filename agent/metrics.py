@@ -6,9 +6,12 @@ integers and the proxies add them here when the connection ends.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600, 3600)
 
@@ -123,4 +126,39 @@ class AgentMetrics:
             "Invalid documents in the snapshot in use, by kind (they fail closed).",
             ("kind",),
             registry=r,
+        )
+
+    def watch_consul(self, statistics: Callable[[], WatchTotals]) -> None:
+        """Export the Consul watches' health, read from *statistics* at each scrape."""
+        self.registry.register(_ConsulWatchCollector(statistics))
+
+
+@dataclass(frozen=True)
+class WatchTotals:
+    """What :class:`_ConsulWatchCollector` exports: failed requests since the start, and
+    how many watches there are and how many of them failed their latest request."""
+
+    errors: int
+    watches: int
+    failing: int
+
+
+class _ConsulWatchCollector(Collector):
+    def __init__(self, statistics: Callable[[], WatchTotals]) -> None:
+        self._statistics = statistics
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self._statistics()
+        yield CounterMetricFamily(
+            "meshd_consul_watch_errors",
+            "Failed Consul requests of the agent's watches (blocking queries) since it started.",
+            value=totals.errors,
+        )
+        yield GaugeMetricFamily(
+            "meshd_consul_watches", "Consul watches the agent runs.", value=totals.watches
+        )
+        yield GaugeMetricFamily(
+            "meshd_consul_watches_failing",
+            "Watches whose latest Consul request failed: they hold their last known data.",
+            value=totals.failing,
         )

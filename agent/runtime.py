@@ -37,7 +37,7 @@ from agent.discovery import DestinationResolver, consul_lookup, serve_discovery
 from agent.epollpump import open_pump
 from agent.inbound import OpenConnections, handle_inbound
 from agent.listener import inherited_sockets, open_listener, start_accept_loops
-from agent.metrics import AgentMetrics
+from agent.metrics import AgentMetrics, WatchTotals
 from agent.outbound import handle_outbound
 from agent.proxycore import ProxyDeps, ProxyLimits, proxy_deps
 from agent.registration import Registrar, serve_registration
@@ -120,6 +120,8 @@ async def serve_agent(
                 state_dir=Path(cfg.agent.state_dir),
             )
         )
+
+        metrics.watch_consul(functools.partial(watch_totals, pipeline))
 
         def current_view() -> DataPlaneView | None:
             snapshot = pipeline.holder.current()
@@ -298,6 +300,12 @@ async def _serve_policy_enforcement(
             closed = conns.close_denied(view)
             if closed:
                 log.event("connections_closed_by_policy", count=closed, version=version)
+
+
+def watch_totals(pipeline: SnapshotPipeline) -> WatchTotals:
+    """What the agent's metrics say of its Consul watches."""
+    stats = pipeline.statistics()
+    return WatchTotals(stats.watch_errors, len(stats.watches), len(stats.watches_failing))
 
 
 def _discover_meshd(consul: ConsulClient) -> Endpoints:

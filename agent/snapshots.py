@@ -100,6 +100,18 @@ class PipelineStatistics:
     persisted: int
     persist_errors: int
     dropped_requests: int
+    retired_watch_errors: int = 0
+
+    @property
+    def watch_errors(self) -> int:
+        """Failed Consul requests of every watch since the agent started (also of watches
+        since stopped, so the count never goes down)."""
+        return self.retired_watch_errors + sum(w.errors for w in self.watches)
+
+    @property
+    def watches_failing(self) -> tuple[str, ...]:
+        """The watches whose latest request failed (their data is the last known)."""
+        return tuple(w.name for w in self.watches if w.consecutive_errors > 0)
 
 
 class SnapshotPipeline:
@@ -116,6 +128,7 @@ class SnapshotPipeline:
         self._upstream_watches: dict[str, trio.CancelScope] = {}
         self._reported_unwatched: frozenset[str] = frozenset()
         self._persisted = 0
+        self._retired_watch_errors = 0
         self._persist_errors = 0
         self._dropped = 0
 
@@ -134,9 +147,10 @@ class SnapshotPipeline:
 
     def untrack(self, watch: Watch[Any]) -> None:
         """Stop reporting *watch*."""
-        name = watch.statistics().name
-        if self._watches.get(name) is watch:  # a restarted watch of the same name stays
-            del self._watches[name]
+        stats = watch.statistics()
+        if self._watches.get(stats.name) is watch:  # a restarted watch of the same name stays
+            del self._watches[stats.name]
+            self._retired_watch_errors += stats.errors
 
     def _offer(self, event: Event) -> None:
         try:
@@ -154,6 +168,7 @@ class SnapshotPipeline:
             persisted=self._persisted,
             persist_errors=self._persist_errors,
             dropped_requests=self._dropped,
+            retired_watch_errors=self._retired_watch_errors,
         )
 
     async def serve_reducer(

@@ -127,6 +127,14 @@ async def test_issuance_stores_chain_and_0600_key(mesh: Mesh, tmp_path: Path) ->
     assert leaf.not_valid_after_utc.timestamp() == cert.not_after
     gauge = registry.get_sample_value("meshd_cert_expiry_timestamp_seconds", {"service": "web"})
     assert gauge == cert.not_after
+    # Renewal is due at 50-70 % of the lifetime (counted from receipt, after the backdated
+    # NotBefore).
+    due = registry.get_sample_value("meshd_cert_renewal_timestamp_seconds", {"service": "web"})
+    lifetime = cert.not_after - cert.not_before
+    assert (
+        due is not None
+        and cert.not_before + 0.5 * lifetime <= due < cert.not_after - 0.25 * lifetime
+    )
     (stats,) = certifier.statistics().services
     assert stats.serving and stats.not_after == cert.not_after and stats.issued == 1
     assert "BEGIN" not in repr(cert) and "PRIVATE" not in repr(certifier.statistics())

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client import generate_latest
 
+from agent.metrics import AgentMetrics
+from agent.runtime import watch_totals
 from agent.snapshots import SnapshotPipeline, serve_snapshots
 from meshd.consul import (
     CheckDefinition,
@@ -20,6 +23,9 @@ from meshd.consul import (
     ServiceRegistration,
     open_consul,
 )
+from meshd.consul.plan import Backoff
+from meshd.consul.watch import Watch
+from meshd.golden import parse_metrics
 from meshd.snapshot import LocalService, Snapshot
 from tests.plugins.consul_agent import ConsulAgentProcess
 
@@ -119,4 +125,32 @@ async def test_endpoints_flow_into_snapshots_and_persist(
         await trio.sleep(0.5)
         assert pipeline.holder.current() == last  # nothing replaced it
         assert any(w.errors for w in pipeline.statistics().watches)
+
+        # The agent's metrics say so: every watch failing, errors counted; the errors of a
+        # watch that stops stay in the total.
+        metrics = AgentMetrics()
+        metrics.watch_consul(lambda: watch_totals(pipeline))
+        page = parse_metrics(generate_latest(metrics.registry).decode())
+        stats = pipeline.statistics()
+        assert page[("meshd_consul_watches", ())] == len(stats.watches) >= 3
+        assert page[("meshd_consul_watches_failing", ())] == len(stats.watches)
+        assert page[("meshd_consul_watch_errors_total", ())] >= len(stats.watches)
+        extra = pipeline.track(
+            Watch(
+                lambda i, w: dead.kv_get("extra", index=i, wait_s=w),
+                name="kv:extra",
+                backoff=Backoff(initial_s=0.01, max_s=0.02),
+            )  # fmt: skip
+        )
+        async with trio.open_nursery() as inner:
+            inner.start_soon(anext, extra)
+            with trio.fail_after(5):
+                while extra.statistics().errors < 3:
+                    await trio.sleep(0.01)
+            inner.cancel_scope.cancel()
+        before = pipeline.statistics().watch_errors
+        pipeline.untrack(extra)
+        after = pipeline.statistics()
+        assert "kv:extra" not in {w.name for w in after.watches}
+        assert after.watch_errors >= before >= extra.statistics().errors >= 3
         nursery.cancel_scope.cancel()

@@ -1,0 +1,77 @@
+"""Reading the agents' ``/metrics`` pages, for ``meshctl stat`` and ``meshctl check``.
+
+The agents are found as Prometheus finds them: service ``meshd-agent`` in Consul, the port
+in meta ``meshd-metrics-port``. A page is read with a size bound and parsed by
+:func:`meshd.golden.parse_metrics`; an agent that cannot be read is reported with why,
+never skipped in silence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import httpx
+import trio
+
+from meshd.consul import ServiceInstance
+from meshd.golden import MetricsFormatError, Samples, parse_metrics
+from meshd.registry import META_METRICS_PORT
+
+SCRAPE_CONCURRENCY = 16
+SCRAPE_TIMEOUT_S = 5.0
+MAX_PAGE_BYTES = 16 * 1024 * 1024
+
+
+def metrics_target(instance: ServiceInstance) -> str | None:
+    """``address:port`` of an agent's metrics port, or None when it serves none."""
+    port = instance.meta.get(META_METRICS_PORT)
+    if port is None:
+        return None
+    host = instance.address
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def http_client() -> httpx.AsyncClient:
+    """A client for scrapes: no proxy from the environment, a timeout per request."""
+    return httpx.AsyncClient(trust_env=False, timeout=SCRAPE_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One scrape of several agents: the pages read, and why each other one was not."""
+
+    pages: dict[str, Samples] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # target: why
+
+
+async def scrape(http: httpx.AsyncClient, targets: Sequence[str]) -> Round:
+    """Read every target's page, at most :data:`SCRAPE_CONCURRENCY` at once."""
+    found = Round()
+    limiter = trio.CapacityLimiter(SCRAPE_CONCURRENCY)
+
+    async def one(target: str) -> None:
+        async with limiter:
+            try:
+                found.pages[target] = await _page(http, target)
+            except (httpx.HTTPError, MetricsFormatError, UnicodeDecodeError) as exc:
+                found.failed[target] = str(exc) or type(exc).__name__
+
+    async with trio.open_nursery() as nursery:
+        for target in targets:
+            nursery.start_soon(one, target)
+    return found
+
+
+async def _page(http: httpx.AsyncClient, target: str) -> Samples:
+    async with http.stream("GET", f"http://{target}/metrics") as reply:
+        if reply.status_code != 200:
+            raise MetricsFormatError(f"HTTP {reply.status_code}")
+        body = b""
+        async for chunk in reply.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_PAGE_BYTES:
+                raise MetricsFormatError(f"more than {MAX_PAGE_BYTES} bytes")
+    return parse_metrics(body.decode("utf-8"))
