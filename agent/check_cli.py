@@ -10,21 +10,19 @@ exits 1 when anything fails, so a rollout can gate on it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
 import stat
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import click
 import trio
 
 from agent.run_cli import config_option
 from agent.setup import proxy_uid, service_uids
+from meshd.checks import Check, exit_status, render_checks
 from meshd.config import AgentConfig, ServiceConfig, load_agent_config, load_service_dir
 from meshd.consul import ConsulSettings, open_consul
 from meshd.errors import MeshdError
@@ -32,17 +30,7 @@ from meshd.keyfile import read_secret
 from meshd.registry import SERVER_SERVICE
 from meshd.trustbundle import bundle_key
 
-Status = Literal["ok", "warn", "FAIL"]
 TOOLS = ("iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore")
-
-
-@dataclass(frozen=True)
-class Check:
-    """One line of the report."""
-
-    name: str
-    status: Status
-    detail: str
 
 
 @click.command("check")
@@ -52,13 +40,8 @@ class Check:
 def check_cmd(ctx: click.Context, config_path: Path, fmt: str) -> None:
     """Check what the agent needs on this host; exit 1 if anything fails."""
     checks = list(_checks(config_path))
-    if fmt == "json":
-        click.echo(json.dumps([asdict(c) for c in checks], indent=2))
-    else:
-        for c in checks:
-            click.echo(f"{c.status:<5} {c.name:<14} {c.detail}")
-    if any(c.status == "FAIL" for c in checks):
-        ctx.exit(1)
+    click.echo(render_checks(checks, fmt))
+    ctx.exit(exit_status(checks))
 
 
 def _checks(config_path: Path) -> Iterator[Check]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from cli.ca import ca as ca_cli
+from cli.check import check as check_cli
 from cli.config_cmd import config as config_cli
 from cli.intention import intention as intention_cli
 from cli.proxy import proxy as proxy_cli
@@ -23,8 +24,8 @@ from meshd.console import run_cli
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meshctl")
 def meshctl() -> None:
-    """Operate a meshd service mesh: status, services, stat, proxy snapshot, CA, tokens,
-    intentions, mesh config."""
+    """Operate a meshd service mesh: status, check, services, stat, proxy snapshot, CA,
+    tokens, intentions, mesh config."""
 
 
 meshctl.add_command(token_cli)
@@ -32,6 +33,7 @@ meshctl.add_command(intention_cli)
 meshctl.add_command(config_cli)
 meshctl.add_command(ca_cli)
 meshctl.add_command(status_cli)
+meshctl.add_command(check_cli)
 meshctl.add_command(services_cli)
 meshctl.add_command(stat_cli)
 meshctl.add_command(proxy_cli)

@@ -1,30 +1,26 @@
 """``meshctl stat``: golden metrics per service, from every agent's metrics port.
 
-The agents are found as Prometheus finds them (service ``meshd-agent`` in Consul, the
-port in meta ``meshd-metrics-port``), scraped twice a window apart, and their counters
-added up per service (:mod:`meshd.golden`). Nothing is written anywhere. An agent that
-cannot be scraped is named, and the command exits 1: its share is missing from the table.
+The agents are found as Prometheus finds them (:mod:`cli.scrape`), scraped twice a window
+apart, and their counters added up per service (:mod:`meshd.golden`). Nothing is written
+anywhere. An agent that cannot be scraped is named, and the command exits 1: its share is
+missing from the table.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import click
-import httpx
 import trio
 
 from cli.intention import format_option
 from cli.output import table
-from meshd.consul import ConsulSettings, ServiceInstance, open_consul
-from meshd.golden import MetricsFormatError, Samples, ServiceStat, golden, merge, parse_metrics
-from meshd.registry import AGENT_SERVICE, META_METRICS_PORT
+from cli.scrape import http_client, metrics_target, scrape
+from meshd.consul import ConsulSettings, open_consul
+from meshd.golden import ServiceStat, golden, merge
+from meshd.registry import AGENT_SERVICE
 
-SCRAPE_CONCURRENCY = 16
-SCRAPE_TIMEOUT_S = 5.0
-MAX_PAGE_BYTES = 16 * 1024 * 1024
 EXIT_PROBLEMS = 1
 
 
@@ -61,17 +57,17 @@ def stat(ctx: click.Context, window: float, fmt: str) -> None:
 async def _measure(window: float) -> tuple[list[ServiceStat], Scrape]:
     async with open_consul(ConsulSettings.from_env()) as consul:
         _, instances = await consul.health_service(AGENT_SERVICE, passing_only=False)
-    targets = sorted({_target(i) for i in instances if META_METRICS_PORT in i.meta})
+    targets = sorted({t for i in instances if (t := metrics_target(i)) is not None})
     if not targets:
         raise click.ClickException(
             f"no agent serves metrics: Consul lists {len(instances)} {AGENT_SERVICE}"
             " instance(s), none with a metrics port"
         )
-    async with httpx.AsyncClient(trust_env=False, timeout=SCRAPE_TIMEOUT_S) as http:
-        first = await _scrape(http, targets)
+    async with http_client() as http:
+        first = await scrape(http, targets)
         start = trio.current_time()
         await trio.sleep(window)
-        second = await _scrape(http, targets)
+        second = await scrape(http, targets)
         elapsed = trio.current_time() - start
     # An agent missing from either round is left out of both, so no rate is made of half.
     both = {t for t in targets if t in first.pages and t in second.pages}
@@ -81,48 +77,6 @@ async def _measure(window: float) -> tuple[list[ServiceStat], Scrape]:
     before = merge(page for t, page in first.pages.items() if t in both)
     after = merge(page for t, page in second.pages.items() if t in both)
     return golden(before, after, elapsed), Scrape(len(both), failed)
-
-
-def _target(instance: ServiceInstance) -> str:
-    host = instance.address
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{instance.meta[META_METRICS_PORT]}"
-
-
-@dataclass(frozen=True)
-class _Round:
-    pages: dict[str, Samples]
-    failed: dict[str, str]  # target: why
-
-
-async def _scrape(http: httpx.AsyncClient, targets: Sequence[str]) -> _Round:
-    found = _Round({}, {})
-    limiter = trio.CapacityLimiter(SCRAPE_CONCURRENCY)
-
-    async def one(target: str) -> None:
-        async with limiter:
-            try:
-                found.pages[target] = await _page(http, target)
-            except (httpx.HTTPError, MetricsFormatError, UnicodeDecodeError) as exc:
-                found.failed[target] = str(exc) or type(exc).__name__
-
-    async with trio.open_nursery() as nursery:
-        for target in targets:
-            nursery.start_soon(one, target)
-    return found
-
-
-async def _page(http: httpx.AsyncClient, target: str) -> Samples:
-    async with http.stream("GET", f"http://{target}/metrics") as reply:
-        if reply.status_code != 200:
-            raise MetricsFormatError(f"HTTP {reply.status_code}")
-        body = b""
-        async for chunk in reply.aiter_bytes():
-            body += chunk
-            if len(body) > MAX_PAGE_BYTES:
-                raise MetricsFormatError(f"more than {MAX_PAGE_BYTES} bytes")
-    return parse_metrics(body.decode("utf-8"))
 
 
 def _percent(value: float | None) -> str:

@@ -96,15 +96,24 @@ async def _all_instances(consul: ConsulClient) -> dict[str, tuple[ServiceInstanc
 
 async def _read_status(prefix: str) -> MeshStatus:
     async with open_consul(ConsulSettings.from_env()) as consul:
-        datacenter = await consul.datacenter()
-        leader = await consul.leader()
-        instances = await _all_instances(consul)
-        _, bundle_entry = await consul.kv_get(bundle_key(prefix))
-        _, config_entry = await consul.kv_get(mesh_config_key(prefix))
-        _, listed = await consul.kv_list(intentions_prefix(prefix))
+        found, _ = await read_mesh(consul, prefix)
+    return found
+
+
+async def read_mesh(
+    consul: ConsulClient, prefix: str
+) -> tuple[MeshStatus, dict[str, tuple[ServiceInstance, ...]]]:
+    """What ``meshctl status`` shows, and the catalog it was made from (every service with
+    all of its instances)."""
+    datacenter = await consul.datacenter()
+    leader = await consul.leader()
+    instances = await _all_instances(consul)
+    _, bundle_entry = await consul.kv_get(bundle_key(prefix))
+    _, config_entry = await consul.kv_get(mesh_config_key(prefix))
+    _, listed = await consul.kv_list(intentions_prefix(prefix))
     raw_bundle = None if bundle_entry is None else bundle_entry.value
     bundle, bundle_error = _bundle(bundle_key(prefix), raw_bundle)
-    return mesh_status(
+    found = mesh_status(
         datacenter=datacenter,
         leader=leader,
         instances=instances,
@@ -116,6 +125,7 @@ async def _read_status(prefix: str) -> MeshStatus:
         intentions=documents_from_kv(((e.key, e.value) for e in listed), prefix),
         now=dt.datetime.now(dt.UTC),
     )
+    return found, instances
 
 
 def _bundle(key: str, raw: bytes | None) -> tuple[TrustBundle | None, str | None]:

@@ -21,6 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 #: Connection outcomes that are a connection carried to its end (not a failure).
 GOOD_OUTCOMES = frozenset({"closed", "idle_timeout"})
 
+#: The families read, and the suffix of the sample that carries each one's value.
+_KINDS = {"counter": "_total", "gauge": ""}
+
 Labels = tuple[tuple[str, str], ...]
 Samples = Mapping[tuple[str, Labels], float]
 
@@ -30,7 +33,8 @@ class MetricsFormatError(ValueError):
 
 
 def parse_metrics(text: str) -> dict[tuple[str, Labels], float]:
-    """The ``meshd_*`` counter samples of one ``/metrics`` page, by name and labels.
+    """The ``meshd_*`` counter and gauge samples of one ``/metrics`` page, by sample name
+    (``…_total`` for a counter) and labels.
 
     Raises:
         MetricsFormatError: the text is not the Prometheus exposition format.
@@ -38,10 +42,10 @@ def parse_metrics(text: str) -> dict[tuple[str, Labels], float]:
     samples: dict[tuple[str, Labels], float] = {}
     try:
         for family in text_string_to_metric_families(text):
-            if not family.name.startswith("meshd_") or family.type != "counter":
+            if not family.name.startswith("meshd_") or family.type not in _KINDS:
                 continue
             for sample in family.samples:
-                if sample.name.endswith("_total"):
+                if sample.name == family.name + _KINDS[family.type]:
                     samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     except (ValueError, TypeError, IndexError) as exc:
         raise MetricsFormatError(f"not Prometheus metrics: {exc}") from None

@@ -194,11 +194,11 @@ def test_meshctl_proxy_snapshot_on_a_host_shows_what_its_agent_enforces(mesh: Me
     assert f"api      1          {api.address}:{API_PORT}" in res.stdout, res.stdout
 
 
-def consul_put(mesh: Mesh, path: str, body: object = None) -> None:
+def consul_put(mesh: Mesh, path: str, body: object = None, *, method: str = "PUT") -> None:
     host, port = mesh.lab.server_address, 8500
     conn = http.client.HTTPConnection(host, port, timeout=5)
     try:
-        conn.request("PUT", path, body=None if body is None else json.dumps(body))
+        conn.request(method, path, body=None if body is None else json.dumps(body))
         reply = conn.getresponse()
         assert reply.status == 200, reply.read()
     finally:
@@ -237,6 +237,61 @@ def test_meshctl_stat_adds_up_every_agents_counters_and_names_one_it_cannot_read
     assert by_service["api"]["connections"] >= 8 and by_service["api"]["success"] == 1.0, found
     assert by_service["api"]["bytes_in"] >= 8 * len(MARKER), found
     assert by_service["api"]["caller_failures"] == 0 and by_service["api"]["denied"] == 0
+
+
+def check_ok(found: tuple[int, dict[str, list[dict[str, str]]]], host: str) -> bool:
+    """Whether ``meshctl check`` found *host*'s agent healthy."""
+    return [c["status"] for c in found[1][f"agent {host}"]] == ["ok"]
+
+
+def test_meshctl_check_reads_every_agent_and_names_what_is_wrong(mesh: Mesh) -> None:
+    """``meshctl check`` from outside the hosts: with all up, one ok line for the control
+    plane and one per agent. db's intentions document made invalid: the mesh line names the
+    document, and each agent that has taken it up says it fails closed on it; an agent Consul
+    lists that answers nothing is named; both mended, clean again."""
+
+    def check() -> tuple[int, dict[str, list[dict[str, str]]]]:
+        res = mesh.meshctl("check", "--format", "json", check=False)
+        assert res.returncode in (0, 1), res.stdout + res.stderr
+        lines: dict[str, list[dict[str, str]]] = {}
+        for line in json.loads(res.stdout):
+            lines.setdefault(line["name"], []).append(line)
+        return res.returncode, lines
+
+    code, lines = check()
+    assert code == 0, lines
+    assert [c["status"] for c in lines["mesh"]] == ["ok"], lines
+    for host in ("web", "api", "db"):
+        (line,) = lines[f"agent {host}"]
+        assert line["status"] == "ok" and "1 certificate(s)" in line["detail"], lines
+
+    key = "/v1/kv/meshd/intentions/db"
+    ghost = {"Name": "meshd-agent", "ID": "meshd-agent-ghost", "Port": 9,
+             "Address": mesh.lab.root_address, "Meta": {"meshd-metrics-port": "9"}}  # fmt: skip
+    consul_put(mesh, key, ["not", "an", "intentions", "document"])
+    consul_put(mesh, "/v1/agent/service/register", ghost)
+    try:
+        deadline = time.monotonic() + 15
+        while any(check_ok(found := check(), h) for h in ("web", "api", "db")):
+            assert time.monotonic() < deadline, found
+            time.sleep(0.5)
+        code, lines = found
+        assert code == 1
+        for host in ("web", "api", "db"):
+            (line,) = lines[f"agent {host}"]
+            assert line["status"] == "FAIL", lines
+            assert line["detail"].startswith("1 invalid intentions document(s) in force"), line
+        assert any("intentions for db are invalid" in c["detail"] for c in lines["mesh"])
+        (ghost_line,) = lines[f"agent {mesh.lab.server.name}"]
+        assert ghost_line["status"] == "FAIL", lines
+        assert ghost_line["detail"].startswith(f"metrics port {mesh.lab.root_address}:9: ")
+    finally:
+        consul_put(mesh, "/v1/agent/service/deregister/meshd-agent-ghost")
+        consul_put(mesh, key, method="DELETE")
+    deadline = time.monotonic() + 15
+    while (found := check())[0] != 0:
+        assert time.monotonic() < deadline, found
+        time.sleep(0.5)
 
 
 def test_without_an_intention_the_default_deny_refuses(mesh: Mesh) -> None:
