@@ -198,7 +198,10 @@ async def _serve_inbound(
     if not decision.allowed:
         deps.metrics.authz_denied.labels(source or "anonymous", local.name).inc()
         downstream.abort()
-        _refuse(deps, conn, client, local.name, started, f"denied: {decision.reason}")
+        _refuse(
+            deps, conn, client, local.name, started, f"denied: {decision.reason}",
+            source=source or "anonymous",
+        )  # fmt: skip
         return
     await _forward(
         deps, view, conns, downstream, source, local, (address, port), started, client, early
@@ -213,17 +216,27 @@ class PeerFailure(str):
 
 
 def _refuse(
-    deps: ProxyDeps, conn: socket.socket, client: str, service: str, started: float, reason: str
+    deps: ProxyDeps,
+    conn: socket.socket,
+    client: str,
+    service: str,
+    started: float,
+    reason: str,
+    *,
+    source: str | None = None,
 ) -> None:
+    """Reset *conn* and record it; *source*: the caller's verified identity (or
+    ``anonymous``) when it got that far, else the record names only its address."""
     reject(
         deps,
         conn,
         direction=DIRECTION,
-        source=client,
+        source=source or client,
         destination=service,
         started=started,
         outcome="refused",
         reason=reason,
+        client=client,
     )
 
 

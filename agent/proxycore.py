@@ -31,6 +31,7 @@ from meshd.admission import ConnectionLimits, Ticket
 from meshd.balancer import RoundRobin
 from meshd.config.agent import ProxyConfig
 from meshd.dataplane import DataPlaneView
+from meshd.golden import service_label
 from meshd.peer import PeerRole, PeerVerifier, VerifiedPeer
 from meshd.trustbundle import TrustBundle
 
@@ -265,12 +266,14 @@ def finish(
         if result.detail:
             fields["detail"] = result.detail
     m = deps.metrics
-    m.connections.labels(direction, source, destination, outcome).inc()
+    # Labels stay bounded: an address (with its ephemeral port) is in the log line only.
+    service = service_label(destination)
+    m.connections.labels(direction, service_label(source), service, outcome).inc()
     m.duration.labels(direction).observe(duration)
     if sent:
-        m.bytes.labels(direction, destination, "to_upstream").inc(sent)
+        m.bytes.labels(direction, service, "to_upstream").inc(sent)
     if received:
-        m.bytes.labels(direction, destination, "to_downstream").inc(received)
+        m.bytes.labels(direction, service, "to_downstream").inc(received)
     deps.log.access(
         direction=direction,
         source=source,

@@ -18,6 +18,21 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshd.identity import is_label
+
+#: The ``source`` label of a connection with no service identity (refused before one was
+#: verified, or a passthrough caller) and the ``destination`` label of one to no mesh
+#: service (an address outside the mesh, or none known): the access log has the address.
+NOT_A_SERVICE = "?"
+
+
+def service_label(value: str) -> str:
+    """*value* as a ``source`` or ``destination`` label: a service name (or ``anonymous``,
+    a plaintext peer) as it is, anything else as :data:`NOT_A_SERVICE`. Addresses carry
+    ephemeral ports: as labels they would make a new series per connection."""
+    return value if is_label(value) else NOT_A_SERVICE
+
+
 #: Connection outcomes that are a connection carried to its end (not a failure).
 GOOD_OUTCOMES = frozenset({"closed", "idle_timeout"})
 
@@ -118,8 +133,8 @@ def golden(before: Samples, after: Samples, window_s: float) -> list[ServiceStat
         label = dict(labels)
         value = _increase(before, after, key)
         destination = label.get("destination", "")
-        if not value or not destination or ":" in destination or destination == "?":
-            continue  # not a mesh service: an address outside the mesh, or unknown
+        if not value or not is_label(destination):
+            continue  # not a mesh service (NOT_A_SERVICE; an older agent wrote its address)
         direction = label.get("direction")
         if name == "meshd_tcp_connections_total" and direction == "inbound":
             add(destination, "connections", value)

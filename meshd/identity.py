@@ -28,6 +28,11 @@ class IdentityError(MeshdError):
     """A SPIFFE ID, trust domain, datacenter or service name is not in canonical form."""
 
 
+def is_label(value: str) -> bool:
+    """Whether *value* is a lower-case DNS label, the form of every service name."""
+    return _LABEL.fullmatch(value) is not None
+
+
 def check_label(value: str, what: str) -> str:
     """Validate a lower-case DNS label (a service or datacenter name).
 
@@ -41,7 +46,7 @@ def check_label(value: str, what: str) -> str:
     Raises:
         IdentityError: the value is not 1-63 characters of ``a-z``, ``0-9`` and inner ``-``.
     """
-    if not _LABEL.fullmatch(value):
+    if not is_label(value):
         raise IdentityError(
             f"{what} {value!r} is not a DNS label: use 1-63 characters a-z, 0-9 and '-', "
             "starting and ending with a letter or digit"

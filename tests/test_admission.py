@@ -294,9 +294,19 @@ async def test_the_proxies_reset_a_connection_over_a_limit_at_once_and_report_it
         # destination), and its ticket is given back.
         with connect_from("127.0.0.2", port) as sock:
             assert await was_reset(sock)
-        [access] = events(log, "access")
-        assert access["outcome"] == "no_original_destination"
-        assert str(access["source"]).startswith("127.0.0.2:")
+        with connect_from("127.0.0.2", port) as sock:
+            assert await was_reset(sock)
+        first, second = events(log, "access")
+        assert first["outcome"] == second["outcome"] == "no_original_destination"
+        assert str(first["source"]).startswith("127.0.0.2:") and first["source"] != second["source"]
+        # The metrics name no address (each has its own port): one series for both.
+        series = [
+            (s.labels["source"], s.labels["destination"], s.labels["outcome"], s.value)
+            for family in deps.metrics.connections.collect()
+            for s in family.samples
+            if s.name.endswith("_total")
+        ]
+        assert series == [("?", "?", "no_original_destination", 2.0)]
         assert deps.limits.inbound.statistics().connections == 2
 
         # max_connections: full with two more held, every source is refused.

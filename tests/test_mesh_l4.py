@@ -302,7 +302,10 @@ def test_without_an_intention_the_default_deny_refuses(mesh: Mesh) -> None:
     assert res.returncode != 0
     assert "db " not in res.stdout
     denied = [r for r in mesh.events("db", "access") if r["direction"] == "inbound"]
-    assert any(r["outcome"] == "refused" and "denied" in str(r.get("reason")) for r in denied)
+    refused = [r for r in denied if r["outcome"] == "refused" and "denied" in str(r["reason"])]
+    # The line names the verified caller, and where it came from.
+    assert refused and all(r["source"] == "api" for r in refused), denied
+    assert all(str(r["client"]).startswith(f"{mesh.lab.hosts['api'].address}:") for r in refused)
 
 
 def test_meshctl_status_sees_the_running_mesh_and_a_service_going_down(mesh: Mesh) -> None:
