@@ -4,11 +4,13 @@
 
 1. a Consul server and three "hosts" (network namespaces on a bridge, each with a Consul
    client agent), a meshd server as the mesh's CA;
-2. on each host meshd-agent and an unchanged ``python3 -m http.server`` (web, api, db), the
-   application running as ``nobody`` so the agent's iptables rules intercept its traffic;
+2. on each host meshd-agent, run as a user of its own (:data:`DEMO_AGENT_UID`, with the
+   shipped unit's capabilities, as the unit runs it as ``meshd``), and an unchanged
+   ``python3 -m http.server`` (web, api, db) as ``nobody``; the agent's iptables rules
+   intercept every other user's traffic, root's included;
 3. intentions web → api and api → db, then real calls with curl, with a packet capture of
    the link and the agents' access-log lines to show the traffic crossed hosts over mTLS;
-4. a deny intention web → api and the call refused;
+4. a deny intention web → api and the call refused, root's as well;
 5. how to poke at it, then teardown (``--keep``: only after Ctrl-C).
 
 Everything it starts is ended by PID and every namespace and link it made is deleted; it
@@ -42,6 +44,8 @@ SERVICES = (
 )
 PORTS = {s.name: s.port for s in SERVICES}
 CURL_TIMEOUT_S = 3
+#: The agents' uid (the proxy user; no passwd entry needed): only it bypasses the rules.
+DEMO_AGENT_UID = 64321
 SCHEME = "http" + "://"
 
 
@@ -86,15 +90,20 @@ def ignore_signals() -> None:
 # -- the pieces --------------------------------------------------------------------------------
 
 
-def app_curl_argv(host: Host, address: str, port: int, path: str = "/") -> list[str]:
-    """curl from *host* as the application user (root is the proxy user: never redirected)."""
+def app_curl_argv(
+    host: Host, address: str, port: int, path: str = "/", *, as_root: bool = False
+) -> list[str]:
+    """curl from *host* as the application user, or as root (meshed just the same)."""
     url = f"{SCHEME}{address}:{port}{path}"
-    return host.exec_argv(as_app_user(["curl", "-sS", "--max-time", str(CURL_TIMEOUT_S), url]))
+    argv = ["curl", "-sS", "--max-time", str(CURL_TIMEOUT_S), url]
+    return host.exec_argv(argv if as_root else as_app_user(argv))
 
 
-def curl(host: Host, address: str, port: int) -> subprocess.CompletedProcess[str]:
+def curl(
+    host: Host, address: str, port: int, *, as_root: bool = False
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        app_curl_argv(host, address, port),
+        app_curl_argv(host, address, port, as_root=as_root),
         capture_output=True,
         text=True,
         timeout=CURL_TIMEOUT_S + 5,
@@ -200,9 +209,12 @@ def build(mesh: Mesh, sites: dict[str, Path]) -> None:
     mesh.start_control_plane()
     assert lab.server is not None
     say(f"    Consul server and meshd at {lab.server_address} (namespace {lab.server.netns})")
-    step("Hosts: meshd-agent and an unchanged app (python3 -m http.server) on each")
+    step(
+        f"Hosts: meshd-agent (as uid {DEMO_AGENT_UID}, the unit's capabilities) and an"
+        " unchanged app (python3 -m http.server, as nobody) on each"
+    )
     for spec in SERVICES:
-        mesh.add_host(spec.name, [spec])
+        mesh.add_host(spec.name, [spec], agent_uid=DEMO_AGENT_UID)
         start_http_app(mesh, spec.name, spec.port, sites[spec.name])
         mesh.start_agent(spec.name)
     for spec in SERVICES:
@@ -282,6 +294,12 @@ def deny_and_call(mesh: Mesh) -> None:
     if not refused:
         raise DemoFailed("api's agent logged no refusal for web -> api")
     say(indent(show_access(refused[-1], "api")))
+    as_root = curl(web, api.address, PORTS["api"], as_root=True)
+    say(f"$ {shlex.join(app_curl_argv(web, api.address, PORTS['api'], as_root=True))}")
+    say(indent((as_root.stdout + as_root.stderr) or f"(exit {as_root.returncode})"))
+    if as_root.returncode == 0:
+        raise DemoFailed("root on web bypasses the mesh: its call to api got through")
+    say(f"    root's call is refused too: only uid {DEMO_AGENT_UID} (the agents) bypasses")
     check = meshctl_show(mesh, "intention", "check", "web", "api")
     if check.returncode != 2:
         raise DemoFailed(f"meshctl intention check web api: exit {check.returncode}, wanted 2")
@@ -299,7 +317,7 @@ def poke_help(mesh: Mesh, keep: bool) -> str:
     admin = f"{SCHEME}127.0.0.1:{ADMIN_PORT}"
     lines = [
         "How to poke at it (as root, on this machine):",
-        "  # call api from host web, as the app user (root's own traffic bypasses the mesh):",
+        f"  # call api from host web (every user but the agents' uid {DEMO_AGENT_UID} is meshed):",
         f"  {shlex.join(app_curl_argv(web, api.address, PORTS['api']))}",
         "  # intentions and mesh settings:",
         f"  {meshctl} intention list",

@@ -149,8 +149,14 @@ def test_demo_tours_the_mesh_and_leaves_nothing_behind(
     )
     # The deny refused the call.
     assert "REFUSED: web -> api" in text
-    assert re.search(r"outcome=refused reason=denied: web -> api denied by intention", text)
+    assert re.search(
+        r"api agent: direction=inbound source=web destination=api outcome=refused"
+        r" reason=denied: web -> api denied by intention",
+        text,
+    )
     assert "curl: (" in text.split("==> Deny", 1)[1]
+    # The agents run as a user of their own, so root's call is meshed and refused too.
+    assert "root's call is refused too: only uid 64321 (the agents) bypasses" in text
     # How to poke at it, then a clean teardown.
     assert "meshctl intention list" in text and "/metrics" in text
     assert "Teardown clean" in text and text.rstrip().endswith("Demo OK.")
