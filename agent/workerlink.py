@@ -119,8 +119,8 @@ def decode_json(payload: bytes) -> dict[str, Any]:
     """A ``J`` payload: one JSON object with a string ``type``."""
     try:
         message = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise WorkerLinkError(f"a JSON frame is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise WorkerLinkError(f"a JSON frame is not valid JSON: {exc!r}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise WorkerLinkError("a JSON frame is not an object with a string 'type'")
     return message

@@ -279,7 +279,7 @@ async def _published_leaf_ttls(prefix: str) -> dict[str, float]:
 def _leaf_ttl_of(raw: bytes) -> float | None:
     try:
         value = json.loads(raw)["leaf_ttl_s"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None

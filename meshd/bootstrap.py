@@ -179,6 +179,8 @@ class TokenRecord:
             )
         except (ValueError, MeshdError) as exc:
             raise TokenError(f"token record is invalid: {exc}") from exc
+        except RecursionError:
+            raise TokenError("token record is invalid: nested too deeply") from None
 
 
 def _typed(doc: dict[str, Any], name: str, kind: Any) -> Any:

@@ -132,7 +132,7 @@ class SignResponse:
         malformed = ApiError(502, "meshd answered with a malformed signing response")
         try:
             doc = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise malformed from None
         chain = doc.get("chain") if isinstance(doc, dict) else None
         not_after = doc.get("not_after") if isinstance(doc, dict) else None
@@ -149,6 +149,6 @@ def parse_error(body: bytes) -> str:
         doc = json.loads(body)
         if isinstance(doc, dict) and isinstance(doc.get("error"), str):
             return " ".join(doc["error"].split())[:300]
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     return "no reason given"

@@ -171,6 +171,8 @@ class TrustBundle:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise TrustBundleError(f"trust bundle is not JSON: {exc}") from None
+        except RecursionError:
+            raise TrustBundleError("trust bundle is nested too deeply to be one") from None
         if not isinstance(doc, dict) or doc.get("version") != SCHEMA_VERSION:
             raise TrustBundleError(f"trust bundle is not a version {SCHEMA_VERSION} document")
         roots = tuple(_parse_root(r) for r in _field(doc, "roots", list))

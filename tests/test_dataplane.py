@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from meshd.balancer import RoundRobin
+from meshd.bootstrap import TokenError, TokenRecord
+from meshd.config import ConfigError
+from meshd.config.document import parse_toml
 from meshd.dataplane import DataPlaneView, ViewCache, build_view
 from meshd.intentions import Action, IntentionsDocument, SourceIntention, render_document
 from meshd.meshconfig import MeshConfig, MTLSMode, OutboundPolicy, render_mesh_config
-from meshd.snapshot import LocalService, make_snapshot
+from meshd.snapshot import LocalService, SnapshotFormatError, from_json, make_snapshot
+from meshd.snapshot.reducer import intention_upstreams
+from meshd.trustbundle import TrustBundle, TrustBundleError
 from tests.plugins.pki import MeshCa
 
 
@@ -21,6 +27,11 @@ def intentions(destination: str, **sources: str) -> bytes:
             sources=tuple(SourceIntention(n, action=Action(a)) for n, a in sorted(sources.items())),
         )
     )
+
+
+#: 200 kB (Consul takes values up to 512 kB) that Python's json gives up on with a
+#: RecursionError, which no parser may let escape: it would end the agent.
+NESTED = b"[" * 100_000 + b"]" * 100_000
 
 
 def snapshot(*, mesh: bytes | None = None, bundle: bytes | None = None, **docs: bytes):
@@ -51,8 +62,8 @@ def test_view_compiles_intentions_with_the_mesh_default(mesh_ca: MeshCa) -> None
 
 @pytest.mark.parametrize(
     "raw",
-    [b"{", b"[]", json.dumps({"Kind": "mesh", "Version": 99}).encode(), b"\xff\xfe"],
-    ids=["truncated", "not-an-object", "unknown-version", "not-utf8"],
+    [b"{", b"[]", json.dumps({"Kind": "mesh", "Version": 99}).encode(), b"\xff\xfe", NESTED],
+    ids=["truncated", "not-an-object", "unknown-version", "not-utf8", "nested-too-deep"],
 )
 def test_invalid_mesh_config_fails_closed(raw: bytes) -> None:
     view = build_view(snapshot(mesh=raw))
@@ -70,12 +81,36 @@ def test_missing_or_invalid_bundle_leaves_nothing_verifiable() -> None:
     assert broken.bundle is None and broken.bundle_error
 
 
-def test_invalid_intentions_document_denies_only_its_destination(mesh_ca: MeshCa) -> None:
+@pytest.mark.parametrize(
+    "raw",
+    [b"{not json", NESTED, b'{"a":' * 50_000 + b"1" + b"}" * 50_000],
+    ids=["not-json", "nested-arrays", "nested-objects"],
+)
+def test_invalid_intentions_document_denies_only_its_destination(
+    mesh_ca: MeshCa, raw: bytes
+) -> None:
     mesh = render_mesh_config(MeshConfig(default_action=Action.ALLOW))
-    view = build_view(snapshot(mesh=mesh, api=b"{not json", db=intentions("db", web="allow")))
+    view = build_view(snapshot(mesh=mesh, api=raw, db=intentions("db", web="allow")))
     assert not view.authorize("web", "api").allowed
     assert view.authorize("web", "db").allowed
     assert [d.destination for d in view.policy.invalid] == ["api"]
+
+
+def test_documents_nested_too_deeply_are_errors_everywhere_they_are_read() -> None:
+    """Every reader of a document from Consul, a peer or disk turns deep nesting into its
+    own error (the agent, meshd and meshctl then report it), never a RecursionError."""
+    with pytest.raises(TrustBundleError, match="nested too deeply"):
+        TrustBundle.from_json(NESTED)
+    with pytest.raises(TokenError, match="nested too deeply"):
+        TokenRecord.from_json(NESTED)
+    with pytest.raises(SnapshotFormatError, match="nested too deeply"):
+        from_json(NESTED)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_toml("a = " + "[" * 100_000 + "]" * 100_000, file="agent.toml", base=Path("."))
+    assert intention_upstreams({"api": NESTED}, frozenset({"web"})) == set()
+    assert "nested too deeply" in str(build_view(snapshot(bundle=NESTED)).bundle_error)
+    view = build_view(snapshot(mesh=NESTED))
+    assert "nested too deeply" in str(view.mesh_error)
 
 
 def test_source_identity_must_be_unambiguous() -> None:

@@ -116,6 +116,8 @@ def parse_toml(text: str, *, file: str, base: Path) -> Table:
             raise ConfigError(file, "", f"invalid TOML: {exc}") from None
         problem = f"invalid TOML: {match['msg']} (column {match['col']})"
         raise ConfigError(file, f"line {match['line']}", problem) from None
+    except RecursionError:
+        raise ConfigError(file, "", "invalid TOML: nested too deeply") from None
     return Table(data, file=file, base=base)
 
 

@@ -150,6 +150,8 @@ def load_json_object(doc: DocRef, raw: bytes) -> Mapping[str, Any]:
         raise doc.fail("(document)", f"is not valid JSON: {exc.msg} at {where}") from None
     except _RejectedError as exc:
         raise doc.fail("(document)", str(exc)) from None
+    except RecursionError:  # json's C parser gives up on deep nesting
+        raise doc.fail("(document)", "is nested too deeply") from None
     if not isinstance(value, dict):
         raise doc.fail("(document)", f"must be a JSON object, got {type_name(value)}")
     return value

@@ -184,6 +184,8 @@ def from_json(data: bytes) -> Snapshot:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SnapshotFormatError(f"snapshot: not JSON: {exc}") from None
+    except RecursionError:
+        raise SnapshotFormatError("snapshot: nested too deeply to be one") from None
     r = _Reader(doc, "document", _TOP_KEYS)
     if r.get("format", str) != FORMAT:
         raise SnapshotFormatError(f"snapshot: format is {doc['format']!r}, not {FORMAT!r}")

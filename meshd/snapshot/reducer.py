@@ -122,7 +122,7 @@ def intention_upstreams(documents: Mapping[str, bytes], local_names: frozenset[s
     for destination, raw in documents.items():
         try:
             doc = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             continue
         sources = doc.get("Sources") if isinstance(doc, dict) else None
         if not isinstance(sources, list):
