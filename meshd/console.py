@@ -8,6 +8,7 @@ printed as ``<prog>: error: <message>`` on stderr with exit status 1. Interrupts
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 
 import click
 
@@ -39,4 +40,30 @@ def run_cli(command: click.Command, prog_name: str) -> None:
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
+    except BaseExceptionGroup as group:  # raised inside a trio nursery
+        _exit_for_group(group, prog_name)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_for_group(group: BaseExceptionGroup[BaseException], prog_name: str) -> None:
+    """Report a group of errors we raise on purpose like one of them; re-raise any other
+    group (a bug: its traceback is what we need to see)."""
+    leaves = list(_leaves(group))
+    if any(isinstance(e, KeyboardInterrupt | click.exceptions.Abort) for e in leaves):
+        sys.exit(EXIT_INTERRUPTED)
+    if not all(isinstance(e, MeshdError | click.ClickException) for e in leaves):
+        raise group
+    first = leaves[0]
+    if isinstance(first, click.ClickException):
+        first.show()
+        sys.exit(first.exit_code)
+    click.echo(f"{prog_name}: error: {one_line(str(first))}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

@@ -133,3 +133,27 @@ def test_meshd_serve_process_notifies_systemd_and_answers(
     assert "meshd-clitest" not in health.json()  # deregistered on SIGTERM
     assert consul_agent.token.encode() not in stderr
     assert b"BEGIN" not in stderr
+
+
+def test_meshd_serve_without_a_trust_bundle_says_so_in_one_line(
+    consul_agent, consul_kv_prefix, tmp_path: Path
+) -> None:
+    """A start-up error raised inside meshd's nursery (trio wraps it in an exception group)
+    is printed like any other: one line, exit 1, no traceback."""
+    ca_dir = tmp_path / "ca"
+    _invoke(ca_cli, consul_agent.env(), "init", "--dir", str(ca_dir), "--trust-domain", TD,
+            "--kv-prefix", consul_kv_prefix)  # fmt: skip
+    empty_prefix = consul_kv_prefix.rstrip("/") + "-empty/"
+    config = tmp_path / "meshd.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{_free_port()}"\nname = "nobundle"\n'
+        f'[ca]\ndir = "{ca_dir}"\n'
+        f'[consul]\naddress = "{consul_agent.http_address}"\nkv_prefix = "{empty_prefix}"\n'
+    )
+    cmd = [sys.executable, "-c", "from meshd.server.main import main; main()",
+           "serve", "--config", str(config)]  # fmt: skip
+    done = subprocess.run(cmd, env={**os.environ, **consul_agent.env()}, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("meshd: error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert "no trust bundle" in done.stderr and "meshctl ca init" in done.stderr

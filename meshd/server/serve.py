@@ -70,6 +70,10 @@ def serve_cmd(config_path: Path) -> None:
     """Run the control plane: the CA's HTTPS API."""
     config = load_server_config(config_path)
     logging.basicConfig(level=config.log.level.upper(), format="%(message)s")
+    # httpx logs every request (to Consul: each blocking query) as plain text at INFO; the
+    # control plane's log is one JSON line per event of its own.
+    for library in ("httpx", "httpcore"):
+        logging.getLogger(library).setLevel(logging.WARNING)
     try:
         trio.run(run_server, config, config_path)
     finally:
