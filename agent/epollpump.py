@@ -86,6 +86,7 @@ from agent.tlsconn import TLSConnection
 _BUDGET = 16  # chunks per direction per wakeup
 _MAX_EVENTS = 256  # per poll; the default (FD_SETSIZE - 1) mallocs 12 KiB per call
 _IDLE_TICKS = 4
+_TIMER_SLACK = 256  # stale idle-check entries tolerated before the heap is swept
 _ABORT_WAIT = 5.0  # seconds pump() waits, shielded, for the engine to confirm an abort
 _SWITCH_INTERVAL = 0.0005
 
@@ -99,6 +100,7 @@ class Job:
 
     __slots__ = (
         "a", "a_to_b", "b", "b_to_a", "deliver", "finished", "idle_timeout", "quiet", "seen",
+        "timer",
     )  # fmt: skip
 
     def __init__(self, a: Connection, b: Connection, idle_timeout: float, buffer_size: int,
@@ -116,6 +118,7 @@ class Job:
         self.finished = False
         self.seen = 0
         self.quiet = 0
+        self.timer = -1  # its entry in PumpEngine._timed while an idle check is due
 
 
 @dataclass
@@ -171,7 +174,12 @@ class PumpEngine:
         self._inbox: collections.deque[tuple[str, Job]] = collections.deque()
         self._sides: dict[int, Side] = {}
         self._jobs: set[Job] = set()
-        self._timers: list[tuple[float, int, Job]] = []
+        # Idle checks: a heap of (when, seq) and the job each live seq is for. A finished
+        # job leaves _timed at once (its heap entry, a few dozen bytes, is skipped when it
+        # comes up, and swept when stale entries outnumber live ones): a heap holding jobs
+        # kept every finished connection's buffers and TLS state for idle_timeout / 4.
+        self._timers: list[tuple[float, int]] = []
+        self._timed: dict[int, Job] = {}
         self._seq = itertools.count()
         self._ready: list[Direction] = []
         self._stopping = False
@@ -193,6 +201,11 @@ class PumpEngine:
     def running(self) -> bool:
         """True while the engine thread runs and accepts connections."""
         return self._thread.is_alive() and not self._stopping
+
+    def idle_checks(self) -> tuple[int, int]:
+        """Connections with an idle check due, and entries in the check heap (at most
+        twice the first plus a small slack: finished connections are not kept)."""
+        return len(self._timed), len(self._timers)
 
     def __len__(self) -> int:
         """Connections currently pumped (approximate when read from another thread)."""
@@ -361,13 +374,24 @@ class PumpEngine:
 
     def _schedule(self, job: Job) -> None:
         when = time.monotonic() + job.idle_timeout / _IDLE_TICKS
-        heapq.heappush(self._timers, (when, next(self._seq), job))
+        job.timer = seq = next(self._seq)
+        self._timed[seq] = job
+        heapq.heappush(self._timers, (when, seq))
+
+    def _unschedule(self, job: Job) -> None:
+        if self._timed.pop(job.timer, None) is None:
+            return
+        if len(self._timers) > 2 * len(self._timed) + _TIMER_SLACK:
+            timed = self._timed
+            self._timers = [entry for entry in self._timers if entry[1] in timed]
+            heapq.heapify(self._timers)
 
     def _check_idle(self) -> None:
         now, timers = time.monotonic(), self._timers
         while timers and timers[0][0] <= now:
-            _, _, job = heapq.heappop(timers)
-            if job.finished:
+            _, seq = heapq.heappop(timers)
+            job = self._timed.pop(seq, None)
+            if job is None or job.finished:
                 continue
             total = job.a_to_b.count + job.b_to_a.count
             job.quiet = job.quiet + 1 if total == job.seen else 0
@@ -463,6 +487,7 @@ class PumpEngine:
             return
         job.finished = True
         self._jobs.discard(job)
+        self._unschedule(job)
         for side in (job.a, job.b):
             if side.mask:
                 with contextlib.suppress(OSError):
