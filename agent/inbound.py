@@ -194,6 +194,17 @@ async def _serve_inbound(
             _refuse(deps, conn, client, local.name, started, used)
             return
         view, local, early = used
+    else:
+        # The first byte and the handshake may have taken seconds: decide on the snapshot
+        # in force now, not the one the connection arrived under (a deny written since
+        # must hold for it too; close_denied only sees connections already flowing).
+        current = deps.view()
+        now_local = current.snapshot.local_service_on(port) if current is not None else None
+        if current is None or now_local is None:
+            downstream.abort()
+            _refuse(deps, conn, client, local.name, started, "port no longer meshed")
+            return
+        view, local = current, now_local
     decision = view.authorize(source, local.name)
     if not decision.allowed:
         deps.metrics.authz_denied.labels(source or "anonymous", local.name).inc()
@@ -372,6 +383,11 @@ async def _forward(
         return
     entry = OpenConnection(source, local.name, trio.CancelScope())
     conns.add(entry)
+    # A snapshot published while the application was being dialled found no entry to
+    # close: from here on close_denied sees this one, and this check sees that snapshot.
+    latest = deps.view()
+    if latest is not view and (latest is None or not latest.authorize(source, local.name).allowed):
+        entry.scope.cancel()
     result = None
     try:
         with entry.scope:

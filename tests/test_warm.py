@@ -389,3 +389,34 @@ async def test_still_idle_absorbs_session_tickets_and_sees_a_close(
         await trio.sleep(0.05)
         assert not tls.still_idle()
         tls.close()
+
+
+async def test_a_deny_published_while_a_connection_handshakes_holds_for_it(
+    mesh_ca: MeshCa, tmp_path: Path
+) -> None:
+    """A caller connects while it is allowed, and finishes its handshake (without meshd/1,
+    like an older agent) only after a deny was published and the agent closed what the deny
+    covers: the inbound proxy decides on the policy in force at that point, so the
+    application receives nothing."""
+    async with running(mesh_ca, tmp_path, per_endpoint=0) as m:
+        _without_alpn(m.web, "client")
+        sock = socket.create_connection(("127.0.0.1", m.inbound_port))
+        sock.setblocking(False)
+        await trio.sleep(0.3)  # the inbound proxy has it, under the allowing view
+        m.allow(False)
+        assert m.conns.close_denied(m.api_view) == 0  # nothing flowing yet to close
+        tls = await handshake(
+            sock, m.web.client_ctx(), server_side=False, server_hostname="api", timeout=TIMEOUT
+        )
+        reply = bytearray()
+        with contextlib.suppress(OSError):
+            await tls.send_all(b"after-deny")
+            await tls.send_eof()
+            buf = memoryview(bytearray(4096))
+            while n := await tls.recv_into(buf):
+                reply += buf[:n]
+        tls.abort()
+        await trio.sleep(0.2)
+        assert m.app.received == [] and m.app.accepted == 0
+        assert reply == b""
+        assert m.api.deps.metrics.authz_denied.labels("web", "api")._value.get() == 1
