@@ -33,6 +33,8 @@ class _Socket(Protocol):
 
     def getsockopt(self, level: int, optname: int, buflen: int) -> bytes: ...
 
+    def getsockname(self) -> tuple[str, int] | tuple[str, int, int, int]: ...
+
 
 def original_destination(sock: _Socket) -> tuple[str, int]:
     """Return the ``(host, port)`` an accepted, redirected connection was addressed to.
@@ -54,11 +56,28 @@ def original_destination(sock: _Socket) -> tuple[str, int]:
         except OSError as exc:
             errors.append(exc.strerror or str(exc))
             continue
-        return _decode(raw)
+        found = _decode(raw)
+        if found == _plain(sock.getsockname()):
+            # Dialled straight at the proxy's port (loopback and the agent's ports are never
+            # redirected; conntrack then reports the address itself). Passed on, it would
+            # reach this proxy again, and again: one connection would fill it up.
+            raise OriginalDestinationError(
+                f"the connection was addressed to the proxy itself ({found[0]} port"
+                f" {found[1]}): it did not arrive through an iptables REDIRECT"
+            )
+        return found
     raise OriginalDestinationError(
         f"no original destination for this connection ({'; '.join(errors)}): "
         "it did not arrive through an iptables REDIRECT"
     )
+
+
+def _plain(address: tuple[str, int] | tuple[str, int, int, int]) -> tuple[str, int]:
+    """``(host, port)`` of a socket address, an IPv4-mapped IPv6 host as plain IPv4."""
+    host, port = address[0], address[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host.removeprefix("::ffff:")
+    return host, port
 
 
 def _decode(raw: bytes) -> tuple[str, int]:

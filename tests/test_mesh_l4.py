@@ -294,6 +294,20 @@ def test_meshctl_check_reads_every_agent_and_names_what_is_wrong(mesh: Mesh) -> 
         time.sleep(0.5)
 
 
+def test_a_call_straight_at_the_outbound_port_is_refused_once_not_looped(mesh: Mesh) -> None:
+    """An app dials web's outbound proxy itself (loopback is never redirected): conntrack
+    reports the proxy's own address as the original destination. Passed on under
+    ``allow-any``, it used to reach the proxy again and again, until one connection had
+    filled ``max_connections``. Now it is one refusal."""
+    seen = len(mesh.events("web", "access"))
+    res = mesh.call("web", "127.0.0.1", 15001, MARKER, timeout_s=3)
+    assert res.returncode != 0 and MARKER.decode() not in res.stdout
+    time.sleep(0.5)  # an access line is written just after its connection ends
+    lines = mesh.events("web", "access")[seen:]
+    assert [r["outcome"] for r in lines] == ["no_original_destination"], lines
+    assert "addressed to the proxy itself" in str(lines[0]["reason"])
+
+
 def test_without_an_intention_the_default_deny_refuses(mesh: Mesh) -> None:
     # api declares db as an upstream, so its proxy dials db over mTLS; db's inbound proxy
     # finds no intention and the mesh default is deny.
