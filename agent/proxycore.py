@@ -27,7 +27,7 @@ from agent.tlsconn import TLSConnection
 from agent.tlscontexts import TLSContexts
 from agent.tlssessions import SessionCache
 from agent.warmpool import WarmPool
-from meshd.admission import ConnectionLimits, Ticket
+from meshd.admission import ConnectionLimits, Ticket, source_of
 from meshd.balancer import RoundRobin
 from meshd.config.agent import ProxyConfig
 from meshd.dataplane import DataPlaneView
@@ -200,7 +200,7 @@ def admit(
     Refusals are counted, and logged at most once per limit every 10 s with how many there
     were: no access-log line each, so that a flood cannot flood the log.
     """
-    source = client.rpartition(":")[0] or client
+    source = source_of(client)
     decision = limits.admit(source, now)
     if isinstance(decision, Ticket):
         return decision

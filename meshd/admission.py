@@ -31,6 +31,7 @@ Sans-IO: values in, values out; the caller owns the sockets, the clock and the l
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,6 +39,25 @@ LimitName = Literal["max_connections", "max_unverified_per_source", "max_failure
 REPORT_INTERVAL_S = 10.0
 REPORTED_SOURCES = 256
 FAILURE_WINDOW_S = 10.0
+#: An IPv6 source counts as its /64: a host usually holds a whole one, and per address it
+#: could take every slot, and dodge the failure limit, by rotating addresses.
+IPV6_SOURCE_PREFIX = 64
+
+
+def source_of(client: str) -> str:
+    """What a connection from *client* (``address:port``, as ``getpeername`` gives it)
+    counts against: its IPv4 address (also when IPv4-mapped), or its IPv6 /64."""
+    host = client.rpartition(":")[0] or client
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        keep = 128 - IPV6_SOURCE_PREFIX
+        return str(ipaddress.IPv6Network((int(ip) >> keep << keep, IPV6_SOURCE_PREFIX)))
+    return str(ip)
 #: Sources whose failures are remembered; beyond it the one that failed least recently is
 #: forgotten (a flood from more addresses than this is bounded by the other limits).
 FAILING_SOURCES = 4096

@@ -33,6 +33,7 @@ from meshd.admission import (
     ConnectionLimits,
     Refusal,
     Ticket,
+    source_of,
 )
 from meshd.config.agent import parse_agent_config
 from meshd.config.errors import ConfigError
@@ -97,6 +98,31 @@ def test_release_and_verified_are_idempotent_and_no_source_is_kept_with_nothing(
         limits.verified(ticket)  # after release: no effect
     stats = limits.statistics()
     assert (stats.connections, stats.unverified, stats.unverified_sources) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("client", "source"),
+    [
+        ("10.0.0.1:5555", "10.0.0.1"),
+        ("::ffff:10.0.0.1:5555", "10.0.0.1"),
+        ("2001:db8::1:5555", "2001:db8::/64"),
+        ("2001:db8:0:ffff:1:2:3:4:443", "2001:db8:0:ffff::/64"),
+        ("fe80::1%eth0:22", "fe80::/64"),
+        ("?", "?"),
+    ],
+)
+def test_a_source_is_an_ipv4_address_or_an_ipv6_64(client: str, source: str) -> None:
+    assert source_of(client) == source
+
+
+def test_one_ipv6_64_is_one_source_however_many_addresses_it_uses() -> None:
+    """A host holds a whole /64: counted per address, it could take every slot unverified
+    and dodge the failure limit by rotating addresses."""
+    limits = ConnectionLimits(max_connections=10_000, max_unverified_per_source=40)
+    clients = [f"2001:db8::{i:x}:443" for i in range(1, 5001)]
+    tickets = [t for c in clients if isinstance(t := limits.admit(source_of(c), 0.0), Ticket)]
+    assert len(tickets) == 40
+    assert isinstance(limits.admit(source_of("2001:db8:1::1:443"), 0.0), Ticket)  # next /64
 
 
 def test_without_a_per_source_limit_one_source_may_take_them_all() -> None:
