@@ -10,6 +10,11 @@ Every token is scoped to one host and a set of services, expires, can be revoked
 good for one issuance per service: the server marks a service consumed with a
 check-and-set write *before* it signs, so a replayed (or raced) token is refused.
 Everything here is pure; the server does the KV reads and writes.
+
+Service ``meshd`` is reserved: it is the control plane's own identity, which agents trust
+as the CA (they send it their tokens) and find in Consul under that name. The servers
+sign their own certificate through the signing authority directly, so no token ever needs
+it, and a record naming it is invalid wherever it comes from.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 from meshd.errors import MeshdError
 from meshd.identity import check_label
+from meshd.registry import SERVER_SERVICE
 
 TOKEN_PREFIX = "mtk_"  # noqa: S105 - a format marker, not a secret
 KV_PREFIX = "meshd/"  # the default [consul] kv_prefix; records live under <prefix>tokens/
@@ -32,6 +38,7 @@ RECORD_VERSION = 1
 ID_BYTES = 8
 SECRET_BYTES = 32
 SALT_BYTES = 16
+RESERVED_SERVICES = frozenset({SERVER_SERVICE})  # identities no token may grant
 _TOKEN = re.compile(r"mtk_([a-f0-9]{16})\.([A-Za-z0-9_-]{43})")
 _ID = re.compile(r"[a-f0-9]{16}")
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?")
@@ -122,6 +129,11 @@ class TokenRecord:
             raise TokenError(f"token {self.token_id}: names no service")
         for service in self.services | self.consumed:
             check_label(service, "service")
+        if reserved := sorted(self.services & RESERVED_SERVICES):
+            raise TokenError(
+                f"token {self.token_id}: service {reserved[0]!r} is reserved for the control"
+                " plane (agents trust it as the CA; meshd servers sign their own certificate)"
+            )
         if not self.consumed <= self.services:
             raise TokenError(f"token {self.token_id}: consumed services outside its scope")
         if not self.expires > self.created:
@@ -212,7 +224,7 @@ def new_token(
         ``(token, record)``: show the token once, store the record.
 
     Raises:
-        TokenError: bad host, no or bad services, non-positive TTL.
+        TokenError: bad host, no, bad or reserved services, non-positive TTL.
     """
     if not ttl_s > 0:
         raise TokenError(f"token TTL must be > 0 seconds, got {ttl_s!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from hypothesis import given
@@ -94,6 +95,19 @@ def test_record_refuses_bad_scope() -> None:
         new_token(host="h", services=["web"], now=NOW, ttl_s=0)
     with pytest.raises(TokenError):
         token_key("../etc")
+
+
+def test_no_token_names_the_control_plane() -> None:
+    """svc/meshd is the identity agents trust as the CA: no token may grant it, and a
+    record naming it (written to KV by other means) does not parse."""
+    with pytest.raises(TokenError, match="'meshd' is reserved for the control plane"):
+        new_token(host="h", services=["web", "meshd"], now=NOW, ttl_s=60)
+    _, record = make()
+    doc = json.loads(record.to_json())
+    doc["services"] = ["meshd"]
+    with pytest.raises(TokenError, match="reserved"):
+        TokenRecord.from_json(json.dumps(doc).encode())
+    new_token(host="h", services=["meshd-api"], now=NOW, ttl_s=60)  # only the exact name
 
 
 def test_authorized_for_its_host_and_services() -> None:

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from agent.signclient import Endpoint, SignError, request_certificate
 from cli.token import create_token, list_tokens, revoke_token
 from meshd import pki
-from meshd.bootstrap import BootstrapToken
+from meshd.bootstrap import BootstrapToken, TokenError, new_token, token_key
 from meshd.consul.client import ConsulClient, open_consul
 from meshd.consul.settings import ConsulSettings
 from meshd.identity import SpiffeId
@@ -244,6 +245,36 @@ async def test_renewal_with_a_foreign_certificate_fails(ca: Harness, tmp_path: P
     with pytest.raises(SignError) as info:
         await ca.sign(pki.build_csr(key, ca.identity("web")), client_cert=(chain, key_path))
     assert info.value.status in (0, 401)  # TLS alert, or verify_peer's refusal
+
+
+async def test_the_control_planes_identity_is_never_issued(ca: Harness, tmp_path: Path) -> None:
+    """svc/meshd is the CA to every agent: no token names it, and neither a record written
+    straight to KV nor a certificate for it (renewal) obtains one; the server's own still
+    works (every sign below verifies the server as svc/meshd first)."""
+    with pytest.raises(TokenError, match="'meshd' is reserved for the control plane"):
+        await ca.token(host="evil-1", services=("web", "meshd"))
+    # A record naming meshd, written to KV by someone who can write the token folder.
+    token, record = new_token(host="evil-1", services=["web"], now=time.time(), ttl_s=600)
+    doc = json.loads(record.to_json())
+    doc["services"] = ["meshd", "web"]
+    await ca.consul.kv_put(token_key(token.token_id, ca.prefix), json.dumps(doc).encode())
+    key, csr = key_and_csr(ca.identity("meshd"))
+    with pytest.raises(SignError) as info:
+        await ca.sign(csr, service="meshd", host="evil-1", token=token)
+    assert info.value.status == 403 and "reserved for the control plane" in str(info.value)
+    # Renewal: a leaf for svc/meshd from the mesh's own signing CA gets no fresh one.
+    chain, key_pem = ca.mesh_ca.issue("meshd", datacenter=ca.datacenter)
+    key_path = tmp_path / "meshd.key"
+    write_secret(key_path, key_pem)
+    meshd_key = serialization.load_pem_private_key(key_pem, None)
+    renewal = pki.build_csr(meshd_key, ca.identity("meshd"))  # type: ignore[arg-type]
+    with pytest.raises(SignError) as info:
+        await ca.sign(renewal, service="meshd", host="evil-1", client_cert=(chain, key_path))
+    assert info.value.status == 403 and "reserved for the control plane" in str(info.value)
+    # The server signs its own certificate directly, and re-signs it as usual.
+    ca.server.tls.refresh()
+    assert ca.server.tls.statistics().issued == 2
+    await ca.sign(key_and_csr(ca.identity("web"))[1], token=await ca.token())
 
 
 async def _raw(ca: Harness, method: str, path: str, body: bytes = b"", headers=None):

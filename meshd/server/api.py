@@ -3,7 +3,9 @@
 Order of work for ``POST /v1/sign`` (cheapest refusal first, Consul last):
 
 1. per-client rate limit (429);
-2. strict parse of the body (400/413) and of the requested identity (400);
+2. strict parse of the body (400/413) and of the requested identity (400); service
+   ``meshd``, the control plane's own identity, is refused to every caller (403), token or
+   certificate: agents trust it as the CA, and the servers sign their own directly;
 3. entitlement: a ``Bearer`` bootstrap token (first issuance; record read from Consul KV and
    judged by :func:`meshd.bootstrap.authorize_csr_by_token`), or else the client certificate
    of this TLS connection (renewal; :func:`meshd.peer.verify_peer` with role client, and its
@@ -31,6 +33,7 @@ import trio
 
 from meshd import pki
 from meshd.bootstrap import (
+    RESERVED_SERVICES,
     TokenError,
     TokenRecord,
     authorize_csr_by_token,
@@ -158,9 +161,19 @@ class SigningApi:
 
     def _identity(self, service: str) -> SpiffeId:
         try:
-            return SpiffeId(self._authority.trust_domain, self._datacenter, service)
+            identity = SpiffeId(self._authority.trust_domain, self._datacenter, service)
         except IdentityError as exc:
             raise ApiError(400, str(exc)) from None
+        if service in RESERVED_SERVICES:
+            # Whoever holds it is the CA to every agent. Refused before any entitlement,
+            # so neither a token record (however it got into KV) nor a certificate for
+            # it (renewal) can obtain it; ServerTls signs the servers' own directly.
+            raise ApiError(
+                403,
+                f"service {service!r} is reserved for the control plane; it is never issued"
+                " to a caller",
+            )
+        return identity
 
     async def _entitle(
         self,
