@@ -253,8 +253,9 @@ def _owner(deps: ProxyDeps, conn: socket.socket, target: tuple[str, int] | None)
 async def _dial(
     deps: ProxyDeps, view: DataPlaneView, service: str, ctx: ssl.SSLContext, first: bytes
 ) -> TLSConnection | str:
-    """Connect and verify an endpoint of *service*, trying the next on connect failure
-    while the destination's retry budget allows (ADR 012).
+    """Connect and verify an endpoint of *service*, trying the next when a connect, a
+    handshake or the peer check fails (no application byte has gone out then), while the
+    destination's retry budget allows (ADR 012).
 
     The balancer's first choice is served from the warm pool when it has a connection
     (docs/adr/010); the pool is then topped up in the background.
@@ -291,7 +292,8 @@ async def _dial(
             continue
         tls = await _secure(deps, view, service, sock, ctx, endpoint)
         if isinstance(tls, str):
-            return tls
+            last = tls  # no application byte went out yet: the next endpoint may serve
+            continue
         try:
             await _begin(tls, first)
         except BaseException as exc:
@@ -381,30 +383,23 @@ def _endpoint_key(endpoint: Endpoint) -> EndpointKey:
 
 
 async def _connect(deps: ProxyDeps, service: str, endpoint: Endpoint) -> socket.socket | str:
-    """TCP to *endpoint*, the outcome told to the balancer's outlier ejection (what the
-    connect of a warm connection finds counts too, what this host lacks does not); the
-    reason on failure."""
-    key = _endpoint_key(endpoint)
+    """TCP to *endpoint*; the reason on failure, told to the balancer's outlier ejection
+    (what the connect of a warm connection finds counts too, what this host lacks does
+    not). Success is told once the peer is verified (:func:`_secure`)."""
     try:
-        sock = await connect_tcp(endpoint.address, endpoint.port, timeout=deps.timeouts.connect)
+        return await connect_tcp(endpoint.address, endpoint.port, timeout=deps.timeouts.connect)
     except (OSError, trio.TooSlowError) as exc:
         if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
             # This host ran out of something: it says nothing about the endpoint.
             return f"connect {endpoint.address}:{endpoint.port}: {exc.strerror} (on this host)"
-        return _connect_failed(deps, service, endpoint, key, exc)
-    deps.balancer.outliers.succeeded(key)
-    return sock
+        reason = f"connect {endpoint.address}:{endpoint.port}: {exc or 'timed out'}"
+        return _endpoint_failed(deps, service, endpoint, reason)
 
 
-def _connect_failed(
-    deps: ProxyDeps,
-    service: str,
-    endpoint: Endpoint,
-    key: EndpointKey,
-    exc: OSError | trio.TooSlowError,
-) -> str:
-    """Tell outlier ejection that *endpoint* failed a connect; the reason."""
-    reason = f"connect {endpoint.address}:{endpoint.port}: {exc or 'timed out'}"
+def _endpoint_failed(deps: ProxyDeps, service: str, endpoint: Endpoint, reason: str) -> str:
+    """Tell outlier ejection that *endpoint* failed a connect or the handshake and peer
+    check after it; *reason*."""
+    key = _endpoint_key(endpoint)
     ejection = deps.balancer.outliers.failed(key, trio.current_time())
     if ejection is not None:
         deps.metrics.endpoint_ejections.labels(service).inc()
@@ -445,7 +440,7 @@ async def _secure(
     except TLSHandshakeError as exc:
         deps.sessions.forget(service, key)
         deps.metrics.tls_failures.labels(DIRECTION, "handshake").inc()
-        return str(exc)
+        return _endpoint_failed(deps, service, endpoint, str(exc))
     deps.metrics.tls_handshakes.labels(DIRECTION, "yes" if tls.session_reused else "no").inc()
     try:
         verified = verify_now(deps, view.bundle, tls, role="server", expected_service=service)
@@ -454,7 +449,9 @@ async def _secure(
         tls.abort()
         deps.sessions.forget(service, key)
         deps.metrics.tls_failures.labels(DIRECTION, "peer_identity").inc()
-        return f"{endpoint.address}:{endpoint.port}: peer identity rejected: {exc}"
+        reason = f"{endpoint.address}:{endpoint.port}: peer identity rejected: {exc}"
+        return _endpoint_failed(deps, service, endpoint, reason)
+    deps.balancer.outliers.succeeded(key)
     tls.harvest_ticket = deps.sessions.connected(
         ctx, service, key, tls.ssl_object, verified.valid_until, deps.wall_clock()
     )

@@ -12,6 +12,7 @@ import contextlib
 import os
 import resource
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from meshd.dataplane import DataPlaneView, build_view
 from meshd.snapshot import Endpoint, LocalService, UpstreamSet, make_snapshot
 from tests.plugins.pki import MeshCa
 from tests.test_resumption import Proxy, make_proxy
-from tests.test_warm import running
+from tests.test_warm import _listen, running
 
 RESERVE = RETRY_MIN_PER_S * RETRY_WINDOW_S
 
@@ -95,6 +96,33 @@ async def test_retries_still_reach_a_live_endpoint_and_the_dead_ones_are_ejected
         assert counter(web, "endpoint_ejections") == 2
         assert counter(web, "connect_retries") <= 4
         assert counter(web, "retries_refused") == 0
+
+
+async def test_an_endpoint_that_resets_after_accept_is_retried_around_and_ejected(
+    mesh_ca: MeshCa, tmp_path: Path
+) -> None:
+    """An endpoint that accepts TCP and resets before the handshake ends (an inbound proxy
+    over its max_connections, an address now used by another host): each call that meets
+    it goes on to the next endpoint (no application byte has gone out), and it is
+    ejected like an endpoint that refuses connects."""
+
+    async def reset_at_once(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    async with running(mesh_ca, tmp_path, per_endpoint=0) as mesh, trio.open_nursery() as n:
+        web = mesh.web
+        view = view_with(web, [await _listen(reset_at_once, n), mesh.inbound_port])
+        ctx = web.client_ctx()
+        with trio.fail_after(30):
+            results = [await outbound._dial(web.deps, view, "api", ctx, b"") for _ in range(10)]
+        live = [r for r in results if not isinstance(r, str)]
+        for conn in live:
+            conn.abort()
+        assert len(live) == 10, [r for r in results if isinstance(r, str)]
+        assert counter(web, "endpoint_ejections") == 1
+        assert counter(web, "connect_retries") <= 2  # until the resetting one is ejected
+        n.cancel_scope.cancel()
 
 
 @contextlib.contextmanager
