@@ -14,6 +14,7 @@ while Consul is away.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import math
 import time
@@ -80,6 +81,15 @@ def local_services_from_config(
         LocalService(s.name, s.id, s.port, s.protocol, tuple(s.upstreams), uids.get(s.id))
         for s in services
     )
+
+
+def is_ip_address(address: str) -> bool:
+    """Whether *address* is an IPv4 or IPv6 address (Consul also takes host names)."""
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def endpoint_of(instance: ServiceInstance) -> Endpoint:
@@ -314,9 +324,17 @@ async def serve_snapshots(
                 name=f"health:{service}",
             )
         )
+        ignored: frozenset[str] = frozenset()
         try:
             async for value in watch:
-                endpoints = tuple(endpoint_of(i) for i in value)
+                endpoints = tuple(endpoint_of(i) for i in value if is_ip_address(i.address))
+                named = frozenset(i.address for i in value if not is_ip_address(i.address))
+                if named and named != ignored:
+                    log_event(log, logging.WARNING, "endpoints_ignored", destination=service,
+                              addresses=sorted(named)[:8], count=len(named),
+                              reason="not an IP address: a mesh endpoint is an agent's address,"
+                              " and resolving a name would stall every connection")  # fmt: skip
+                ignored = named
                 await send.send(EndpointsChanged(service, endpoints, watch.statistics().index))
         finally:
             pipeline.untrack(watch)

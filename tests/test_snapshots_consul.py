@@ -154,3 +154,33 @@ async def test_endpoints_flow_into_snapshots_and_persist(
         assert "kv:extra" not in {w.name for w in after.watches}
         assert after.watch_errors >= before >= extra.statistics().errors >= 3
         nursery.cancel_scope.cancel()
+
+
+async def test_an_endpoint_named_by_host_name_is_left_out_and_said_so(
+    consul_agent: ConsulAgentProcess,
+    consul_kv_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Consul takes a host name as a service address; dialling one would resolve it in the
+    proxy's thread and stall every connection. A mesh endpoint is an agent's IP address:
+    others are left out of the snapshot, with one warning naming them."""
+    uid = uuid.uuid4().hex[:8]
+    api = f"api-{uid}"
+    web = LocalService(f"web-{uid}", f"web-{uid}", 8080, upstreams=(api,))
+    async with open_consul(consul_agent.settings()) as consul, trio.open_nursery() as nursery:
+        await register(consul, api, f"{api}-named", "api.example.internal", 9001)
+        await register(consul, api, f"{api}-ip", "198.18.0.7", 9001)
+        pipeline: SnapshotPipeline = await nursery.start(
+            lambda task_status: serve_snapshots(
+                consul, prefix=consul_kv_prefix, local_services=(web,), state_dir=tmp_path,
+                task_status=task_status,
+            )
+        )  # fmt: skip
+        found = await snapshot_where(pipeline, lambda s: len(s.endpoints(api)) > 0, timeout=5)
+        assert [e.address for e in found.endpoints(api)] == ["198.18.0.7"]
+        for sid in (f"{api}-named", f"{api}-ip"):
+            await consul.service_deregister(sid)
+        nursery.cancel_scope.cancel()
+    warnings = [r.getMessage() for r in caplog.records if "endpoints_ignored" in r.getMessage()]
+    assert len(warnings) == 1 and "api.example.internal" in warnings[0], warnings
