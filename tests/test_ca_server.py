@@ -277,6 +277,26 @@ async def test_the_control_planes_identity_is_never_issued(ca: Harness, tmp_path
     await ca.sign(key_and_csr(ca.identity("web"))[1], token=await ca.token())
 
 
+async def test_one_host_holding_idle_connections_does_not_lock_agents_out(ca: Harness) -> None:
+    """256 idle connections from one address (the server's whole capacity) never get past
+    its share of 32 (the default); an agent on another address still gets its certificate."""
+    held = []
+    try:
+        for _ in range(256):
+            sock = trio.socket.socket()
+            held.append(sock)
+            await sock.bind(("127.0.0.2", 0))
+            await sock.connect(("127.0.0.1", ca.server.port))  # then never a byte
+        with trio.fail_after(5):
+            while ca.server.https.statistics().refused_over_source_limit < 256 - 32:
+                await trio.sleep(0.01)
+        assert ca.server.https.statistics().open_connections == 32
+        await ca.sign(key_and_csr(ca.identity("web"))[1], token=await ca.token())
+    finally:
+        for sock in held:
+            sock.close()
+
+
 async def _raw(ca: Harness, method: str, path: str, body: bytes = b"", headers=None):
     ctx = ssl.create_default_context(cadata=ca.mesh_ca.bundle.roots_pem().decode())
     ctx.check_hostname = False

@@ -6,7 +6,8 @@ loopback listener) with a handler that answers what it was given, and check each
 from the outside: oversized request lines and headers are answered 431 and the connection
 closed, header counts are bounded by the same size limit, a client that trickles its
 request or never finishes its handshake is cut at the deadline (virtual time), and
-connections beyond ``max_connections`` are closed at once.
+connections beyond ``max_connections``, or beyond ``max_per_source`` from one address, are
+closed at once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import pytest
 import trio
 import trustme
 
+from meshd.config import ConfigError
+from meshd.config.server import parse_server_config
 from meshd.server.http import (
     HANDSHAKE_TIMEOUT_S,
     MAX_HEADER_BYTES,
@@ -38,14 +41,15 @@ class Served:
         self.requests: list[HttpRequest] = []
         self.opened: list[trio.abc.AsyncResource] = []
 
-    async def tcp(self) -> trio.SocketStream:
-        """A client connection, closed at the end of the test."""
-        stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+    async def tcp(self, source: str | None = None) -> trio.SocketStream:
+        """A client connection (from loopback address *source*), closed at the end of the
+        test."""
+        stream = await trio.open_tcp_stream("127.0.0.1", self.port, local_address=source)
         self.opened.append(stream)
         return stream
 
-    async def tls(self) -> trio.SSLStream[trio.SocketStream]:
-        tls = trio.SSLStream(await self.tcp(), self.client_ctx, server_hostname="localhost")
+    async def tls(self, source: str | None = None) -> trio.SSLStream[trio.SocketStream]:
+        tls = trio.SSLStream(await self.tcp(source), self.client_ctx, server_hostname="localhost")
         self.opened.append(tls)
         await tls.do_handshake()
         return tls
@@ -61,8 +65,8 @@ async def read_all(tls: trio.SSLStream[trio.SocketStream]) -> bytes:
     return bytes(out)
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[Served]:
+@contextlib.asynccontextmanager
+async def serving(max_connections: int, max_per_source: int) -> AsyncIterator[Served]:
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(server_ctx)
@@ -75,7 +79,9 @@ async def served() -> AsyncIterator[Served]:
         out.requests.append(request)
         return HttpResponse(200, b'{"headers": %d}' % len(request.headers))
 
-    server = HttpsServer(lambda: server_ctx, handler, max_connections=4)
+    server = HttpsServer(
+        lambda: server_ctx, handler, max_connections=max_connections, max_per_source=max_per_source
+    )
     async with trio.open_nursery() as nursery:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
@@ -87,6 +93,12 @@ async def served() -> AsyncIterator[Served]:
             for resource in reversed(out.opened):
                 await trio.aclose_forcefully(resource)
             nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    async with serving(max_connections=4, max_per_source=8) as out:
+        yield out
 
 
 async def test_a_plain_request_is_answered(served: Served) -> None:
@@ -197,3 +209,42 @@ async def test_connections_beyond_the_limit_are_closed_at_once(served: Served) -
         tls = await served.tls()
         await tls.send_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
         assert (await read_all(tls)).startswith(b"HTTP/1.1 200 ")
+
+
+async def test_one_address_cannot_take_every_connection() -> None:
+    """Connection flood from one host: its silent connections fill its own share (3), the
+    next from it is closed without a handshake, and another address is still served; once
+    they end, nothing about the address is kept."""
+    async with serving(max_connections=8, max_per_source=3) as served:
+        stats = served.server.statistics
+        silent = [await served.tcp("127.0.0.1") for _ in range(3)]
+        with trio.fail_after(5):
+            while stats().open_connections < 3:
+                await trio.sleep(0.01)
+            extra = await served.tcp("127.0.0.1")
+            assert await extra.receive_some(1024) == b""  # closed, not served
+            assert (stats().refused_over_source_limit, stats().refused_over_limit) == (1, 0)
+            tls = await served.tls("127.0.0.2")
+            await tls.send_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            assert (await read_all(tls)).startswith(b"HTTP/1.1 200 ")
+        assert len(served.requests) == 1
+        for stream in silent:
+            await stream.aclose()
+        with trio.fail_after(5):
+            while stats().open_connections:
+                await trio.sleep(0.01)
+        assert stats().sources == 0  # an entry per source only while it holds connections
+        with trio.fail_after(5):
+            tls = await served.tls("127.0.0.1")
+            await tls.send_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            assert (await read_all(tls)).startswith(b"HTTP/1.1 200 ")
+
+
+def test_the_cap_per_source_is_read_from_meshd_toml() -> None:
+    assert parse_server_config("").server.max_connections_per_source == 32
+    config = parse_server_config("[server]\nmax_connections_per_source = 4\n")
+    assert config.server.max_connections_per_source == 4
+    with pytest.raises(ConfigError) as info:
+        parse_server_config("[server]\nmax_connections_per_source = 0\n")
+    assert str(info.value).startswith("meshd.toml: server.max_connections_per_source: ")
+    assert "\n" not in str(info.value)

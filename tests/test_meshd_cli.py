@@ -80,6 +80,30 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _idle_connections(source: str, port: int, count: int) -> list[socket.socket]:
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+        held.append(sock)
+    return held
+
+
+def _closed_at_once(held: list[socket.socket]) -> int:
+    """How many of *held* the server closed within a second (and close them all)."""
+    closed = 0
+    for sock in held:
+        sock.settimeout(1)
+        try:
+            closed += sock.recv(1) == b""
+        except ConnectionResetError:
+            closed += 1
+        except TimeoutError:
+            pass  # held open, waiting for our TLS handshake
+        finally:
+            sock.close()
+    return closed
+
+
 def test_meshd_serve_process_notifies_systemd_and_answers(
     consul_agent, consul_kv_prefix, tmp_path: Path
 ) -> None:
@@ -95,6 +119,7 @@ def test_meshd_serve_process_notifies_systemd_and_answers(
     config = tmp_path / "meshd.toml"
     config.write_text(
         f'[server]\nlisten = "127.0.0.1:{port}"\nname = "clitest"\n'
+        "max_connections_per_source = 2\n"
         f'[ca]\ndir = "{ca_dir}"\n'
         f'[consul]\naddress = "{consul_agent.http_address}"\ntoken_file = "{token_file}"\n'
         f'kv_prefix = "{consul_kv_prefix}"\n'
@@ -113,6 +138,11 @@ def test_meshd_serve_process_notifies_systemd_and_answers(
             ca_pem = (ca_dir / "root-ca.pem").read_bytes().decode()
             ctx = ssl.create_default_context(cadata=ca_pem)
             ctx.check_hostname = False
+            answer = httpx.get(f"https://127.0.0.1:{port}/v1/health", verify=ctx, trust_env=False)
+            assert answer.json() == {"status": "ok"}
+            # [server] max_connections_per_source: of five idle connections from one
+            # address two are held, three closed at once; another address is served.
+            assert _closed_at_once(_idle_connections("127.0.0.2", port, 5)) == 3
             answer = httpx.get(f"https://127.0.0.1:{port}/v1/health", verify=ctx, trust_env=False)
             assert answer.json() == {"status": "ok"}
             deadline = time.monotonic() + 15

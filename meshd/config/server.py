@@ -23,6 +23,9 @@ HOUR = 3600.0
 MIN_LEAF_TTL = HOUR
 MAX_LEAF_TTL = 720 * HOUR
 DEFAULT_LISTEN = HostPort("0.0.0.0", 8555)  # noqa: S104 - a server listens on all addresses
+# The HTTPS server holds at most 256 connections at once (meshd.server.http.MAX_CONNECTIONS);
+# a cap per source above that would cap nothing.
+MAX_CONNECTIONS = 256
 
 _server_name = fields.matching(
     r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?",
@@ -39,11 +42,14 @@ class ServerSection:
         advertise_address: the address registered in Consul; ``""`` lets Consul use the
             node's address (the default when ``listen`` is a wildcard such as 0.0.0.0).
         name: this instance's name (the Consul service id suffix); the host name by default.
+        max_connections_per_source: connections one source (an IPv4 address, an IPv6 /64)
+            may hold open at once, so that one host cannot take every connection slot.
     """
 
     listen: HostPort = DEFAULT_LISTEN
     advertise_address: str = ""
     name: str = field(default_factory=socket.gethostname)
+    max_connections_per_source: int = 32
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,7 @@ def _is_wildcard(host: str) -> bool:
 
 
 def _server(table: Table) -> ServerSection:
-    table.only("listen", "advertise_address", "name")
+    table.only("listen", "advertise_address", "name", "max_connections_per_source")
     default = ServerSection()
     listen = table.get("listen", fields.host_port, default.listen)
     advertise = "" if _is_wildcard(listen.host) else listen.host
@@ -137,6 +143,11 @@ def _server(table: Table) -> ServerSection:
         listen=listen,
         advertise_address=advertise,
         name=table.get("name", _server_name, default.name),
+        max_connections_per_source=table.get(
+            "max_connections_per_source",
+            fields.integer(1, MAX_CONNECTIONS),
+            default.max_connections_per_source,
+        ),
     )
 
 

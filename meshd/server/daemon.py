@@ -48,6 +48,7 @@ class ServeOptions:
     advertise_address: str = ""
     kv_prefix: str = "meshd/"
     csr_rate_per_minute: int = 60
+    max_connections_per_source: int = 32  # HTTPS connections one client host may hold
     register: bool = True
     leader_lock_delay_s: int = 15
     ca_dir: Path | None = None  # re-read during root rotation; None: never reloaded
@@ -210,7 +211,7 @@ async def serve_meshd(
         )
     listeners = await trio.open_tcp_listeners(options.listen_port, host=options.listen_host)
     port = listeners[0].socket.getsockname()[1]
-    https = HttpsServer(tls.context, api.handle)
+    https = HttpsServer(tls.context, api.handle, max_per_source=options.max_connections_per_source)
     async with trio.open_nursery() as nursery:
         await nursery.start(https.serve, listeners)
         await nursery.start(watch.serve)

@@ -8,6 +8,11 @@ client's address and presented certificate chain; it never touches a socket.
 
 The TLS context is fetched per connection from a callable, so the server's own certificate
 can be renewed (and the trust bundle rotated) without restarting the listener.
+
+Connections are capped in total and per source (an IPv4 address, or an IPv6 /64, as
+:func:`meshd.admission.source_of` counts the agents' callers). The deadlines bound how long
+one connection lasts, but before the handshake nobody is known: without a cap per source,
+one host holding every slot for its 20 s would lock every agent out of the CA.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from types import MappingProxyType
 import h11
 import trio
 
+from meshd.admission import source_of
 from meshd.peer import peer_chain_der
 from meshd.signapi import MAX_BODY_BYTES, error_body
 
@@ -28,6 +34,7 @@ MAX_HEADER_BYTES = 16 * 1024
 HANDSHAKE_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 256
+MAX_CONNECTIONS_PER_SOURCE = 32  # the default of [server] max_connections_per_source
 _RECEIVE_BYTES = 16 * 1024
 log = logging.getLogger("meshd.server.http")
 
@@ -76,13 +83,17 @@ class HttpsStatistics:
     accepted: int
     refused_over_limit: int
     failed_handshakes: int
+    refused_over_source_limit: int
+    sources: int  # sources holding a connection now
 
 
 class HttpsServer:
-    """Serves HTTPS with at most ``max_connections`` connections at once.
+    """Serves HTTPS with at most ``max_connections`` connections at once, and at most
+    ``max_per_source`` of them from one source.
 
-    A connection beyond the limit is closed at once: the handshake and request deadlines
-    bound how long each one lasts, the limit bounds how many a flood can hold open.
+    A connection beyond either limit is closed at once, before the TLS handshake, and
+    counted: the handshake and request deadlines bound how long each one lasts, the limits
+    bound how many a flood can hold open, and how many of them one host can take.
     """
 
     def __init__(
@@ -91,12 +102,16 @@ class HttpsServer:
         handler: Handler,
         *,
         max_connections: int = MAX_CONNECTIONS,
+        max_per_source: int = MAX_CONNECTIONS_PER_SOURCE,
     ) -> None:
         self._context = context
         self._handler = handler
         self._limit = trio.CapacityLimiter(max_connections)
+        self._max_per_source = max_per_source
+        self._by_source: dict[str, int] = {}  # open connections; no entry at zero
         self._accepted = 0
         self._refused = 0
+        self._refused_per_source = 0
         self._failed_handshakes = 0
 
     async def serve(
@@ -109,18 +124,36 @@ class HttpsServer:
         await trio.serve_listeners(self._connection, listeners, task_status=task_status)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        try:
-            self._limit.acquire_nowait()
-        except trio.WouldBlock:
-            self._refused += 1
+        address, source = _peer(stream)
+        if not self._admit(source):
             await trio.aclose_forcefully(stream)
             return
         try:
             self._accepted += 1
-            if not await _serve_connection(stream, self._context(), self._handler):
+            if not await _serve_connection(stream, address, self._context(), self._handler):
                 self._failed_handshakes += 1
         finally:
-            self._limit.release()
+            self._release(source)
+
+    def _admit(self, source: str) -> bool:
+        """Take a slot for a connection from *source*, or count why there is none."""
+        held = self._by_source.get(source, 0)
+        if held >= self._max_per_source:
+            self._refused_per_source += 1
+            return False
+        try:
+            self._limit.acquire_nowait()
+        except trio.WouldBlock:
+            self._refused += 1
+            return False
+        self._by_source[source] = held + 1
+        return True
+
+    def _release(self, source: str) -> None:
+        self._limit.release()
+        held = self._by_source.pop(source) - 1
+        if held:
+            self._by_source[source] = held  # at zero the entry is gone: the dict stays bounded
 
     def statistics(self) -> HttpsStatistics:
         """Open connections and counters."""
@@ -129,21 +162,25 @@ class HttpsServer:
             accepted=self._accepted,
             refused_over_limit=self._refused,
             failed_handshakes=self._failed_handshakes,
+            refused_over_source_limit=self._refused_per_source,
+            sources=len(self._by_source),
         )
 
 
-def _peer_address(stream: trio.SocketStream) -> str:
+def _peer(stream: trio.SocketStream) -> tuple[str, str]:
+    """The client's address, and the source its connections count against."""
     try:
-        return str(stream.socket.getpeername()[0])
+        peer = stream.socket.getpeername()
     except OSError:
-        return "unknown"
+        return "unknown", "unknown"  # reset before we looked: it fails at the handshake
+    address = str(peer[0])
+    return address, source_of(f"{address}:{peer[1]}")
 
 
 async def _serve_connection(
-    stream: trio.SocketStream, context: ssl.SSLContext, handler: Handler
+    stream: trio.SocketStream, address: str, context: ssl.SSLContext, handler: Handler
 ) -> bool:
     """Serve one connection; False if the TLS handshake failed or timed out."""
-    address = _peer_address(stream)
     tls = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
     client: ClientInfo | None = None
     try:

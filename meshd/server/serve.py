@@ -41,6 +41,7 @@ async def run_server(config: ServerConfig, config_path: Path) -> None:
         advertise_address=config.server.advertise_address,
         kv_prefix=config.consul.kv_prefix,
         csr_rate_per_minute=config.ca.csr_rate_per_minute,
+        max_connections_per_source=config.server.max_connections_per_source,
         ca_dir=config.ca.dir,
     )
     async with (
