@@ -228,6 +228,12 @@ def new_token(
     """
     if not ttl_s > 0:
         raise TokenError(f"token TTL must be > 0 seconds, got {ttl_s!r}")
+    services = frozenset(services)
+    if reserved := sorted(services & RESERVED_SERVICES):
+        raise TokenError(
+            f"service {reserved[0]!r} is reserved for the control plane: agents trust it as"
+            " the CA, and meshd servers sign their own certificate"
+        )
     token = BootstrapToken(
         token_id=secrets.token_hex(ID_BYTES), secret=secrets.token_urlsafe(SECRET_BYTES)
     )
@@ -235,7 +241,7 @@ def new_token(
     record = TokenRecord(
         token_id=token.token_id,
         host=host,
-        services=frozenset(services),
+        services=services,
         created=now,
         expires=now + ttl_s,
         salt=salt,
