@@ -16,6 +16,7 @@ import trio
 from cli.intention_kv import load_policy, read_document, update_document
 from cli.output import table
 from meshd.consul import ConsulSettings, open_consul
+from meshd.consul.model import kv_folder
 from meshd.intentions import (
     DEFAULT_PREFIX,
     WILDCARD,
@@ -39,11 +40,21 @@ from meshd.intentions import (
 
 EXIT_DENIED = 2
 
+
+def kv_prefix_param(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Click callback: *value* as a KV folder (``meshd/``), or a usage error naming it."""
+    try:
+        return kv_folder(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 prefix_option = click.option(
     "--prefix",
     default=DEFAULT_PREFIX,
     envvar="MESHD_KV_PREFIX",
     show_default=True,
+    callback=kv_prefix_param,
     help="KV prefix meshd keeps its documents under (env MESHD_KV_PREFIX).",
 )
 format_option = click.option(

@@ -15,10 +15,13 @@ from pathlib import Path
 import click
 import trio
 
+from cli.intention import kv_prefix_param
 from meshd.bootstrap import (
+    MAX_TTL_S,
     BootstrapToken,
     TokenError,
     TokenRecord,
+    check_ttl,
     new_token,
     token_key,
     tokens_folder,
@@ -108,8 +111,22 @@ def _describe(record: TokenRecord, now: float) -> dict[str, object]:
 
 
 _prefix_option = click.option(
-    "--kv-prefix", default=DEFAULT_KV_PREFIX, show_default=True, help="meshd's Consul KV folder."
+    "--kv-prefix",
+    default=DEFAULT_KV_PREFIX,
+    show_default=True,
+    callback=kv_prefix_param,
+    help="meshd's Consul KV folder.",
 )
+
+
+def _ttl(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    """Click callback: ``--ttl`` in seconds, more than 0 and at most a week."""
+    try:
+        ttl_s = parse_duration(value)
+        check_ttl(ttl_s)
+    except (ValueError, TokenError) as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return ttl_s
 
 
 @click.group("token")
@@ -120,16 +137,22 @@ def token_cli() -> None:
 @token_cli.command("create")
 @click.option("--host", required=True, help="The node name the token is for.")
 @click.option("--service", "services", multiple=True, required=True, help="Repeatable.")
-@click.option("--ttl", default="1h", show_default=True, help="Lifetime, e.g. 30m, 1h, 2d.")
+@click.option(
+    "--ttl",
+    "ttl_s",
+    default="1h",
+    show_default=True,
+    callback=_ttl,
+    help=f"Lifetime, e.g. 30m, 1h, 2d; at most {MAX_TTL_S / 86400:g}d.",
+)
 @click.option(
     "--output", type=click.Path(path_type=Path), help="Write the token to this file (0600)."
 )
 @_prefix_option
 def create_cmd(
-    host: str, services: tuple[str, ...], ttl: str, output: Path | None, kv_prefix: str
+    host: str, services: tuple[str, ...], ttl_s: float, output: Path | None, kv_prefix: str
 ) -> None:
     """Create a token for HOST's SERVICEs; shown once (or written to --output)."""
-    ttl_s = parse_duration(ttl)
 
     async def run() -> BootstrapToken:
         async with open_consul(ConsulSettings.from_env()) as consul:

@@ -15,6 +15,9 @@ Service ``meshd`` is reserved: it is the control plane's own identity, which age
 as the CA (they send it their tokens) and find in Consul under that name. The servers
 sign their own certificate through the signing authority directly, so no token ever needs
 it, and a record naming it is invalid wherever it comes from.
+
+A token lives at most :data:`MAX_TTL_S` (7 days): it is for a host's first contact, not a
+standing credential, and its times must be finite (JSON has no infinity).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 from collections.abc import Iterable
@@ -38,7 +42,10 @@ RECORD_VERSION = 1
 ID_BYTES = 8
 SECRET_BYTES = 32
 SALT_BYTES = 16
+MAX_TTL_S = 7 * 86400.0  # the longest a bootstrap token lives
 RESERVED_SERVICES = frozenset({SERVER_SERVICE})  # identities no token may grant
+# created + ttl is rounded to a float, so a record at exactly MAX_TTL_S may read a hair over.
+_LIFETIME_SLACK_S = 1.0
 _TOKEN = re.compile(r"mtk_([a-f0-9]{16})\.([A-Za-z0-9_-]{43})")
 _ID = re.compile(r"[a-f0-9]{16}")
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?")
@@ -136,8 +143,12 @@ class TokenRecord:
             )
         if not self.consumed <= self.services:
             raise TokenError(f"token {self.token_id}: consumed services outside its scope")
+        if not (math.isfinite(self.created) and math.isfinite(self.expires)):
+            raise TokenError(f"token {self.token_id}: created and expires must be finite times")
         if not self.expires > self.created:
             raise TokenError(f"token {self.token_id}: expires before it is created")
+        if self.expires - self.created > MAX_TTL_S + _LIFETIME_SLACK_S:
+            raise TokenError(f"token {self.token_id}: lives longer than {MAX_TTL_S / 86400:g} days")
 
     def matches(self, secret: str) -> bool:
         """Whether *secret* is this token's secret (constant-time comparison)."""
@@ -165,7 +176,8 @@ class TokenRecord:
             "consumed": sorted(self.consumed),
             "revoked": self.revoked,
         }
-        return json.dumps(doc, sort_keys=True).encode()
+        # allow_nan=False: never write Infinity or NaN, which are not JSON.
+        return json.dumps(doc, sort_keys=True, allow_nan=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> TokenRecord:
@@ -218,16 +230,16 @@ def new_token(
         host: the node name the token is for.
         services: the services it may obtain a first certificate for (at least one).
         now: Unix time of creation.
-        ttl_s: seconds until it expires (> 0).
+        ttl_s: seconds until it expires (> 0, at most :data:`MAX_TTL_S`).
 
     Returns:
         ``(token, record)``: show the token once, store the record.
 
     Raises:
-        TokenError: bad host, no, bad or reserved services, non-positive TTL.
+        TokenError: bad host, no, bad or reserved services, a TTL not above 0 or above
+            :data:`MAX_TTL_S`.
     """
-    if not ttl_s > 0:
-        raise TokenError(f"token TTL must be > 0 seconds, got {ttl_s!r}")
+    check_ttl(ttl_s)
     services = frozenset(services)
     if reserved := sorted(services & RESERVED_SERVICES):
         raise TokenError(
@@ -248,6 +260,21 @@ def new_token(
         digest=_digest(salt, token.secret),
     )
     return token, record
+
+
+def check_ttl(ttl_s: float) -> None:
+    """Refuse a token lifetime that is not above 0 and at most :data:`MAX_TTL_S`.
+
+    Raises:
+        TokenError: saying which bound it misses.
+    """
+    if not ttl_s > 0:
+        raise TokenError(f"token TTL must be more than 0 seconds, got {ttl_s!r}")
+    if not ttl_s <= MAX_TTL_S:
+        raise TokenError(
+            f"token TTL must be at most {MAX_TTL_S / 86400:g} days ({MAX_TTL_S:g} s), got"
+            f" {ttl_s:g} s: a bootstrap token is for a host's first contact"
+        )
 
 
 @dataclass(frozen=True)

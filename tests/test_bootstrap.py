@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from meshd.bootstrap import (
+    MAX_TTL_S,
     TokenError,
     TokenRecord,
     authorize_csr_by_token,
@@ -108,6 +110,35 @@ def test_no_token_names_the_control_plane() -> None:
     with pytest.raises(TokenError, match="reserved"):
         TokenRecord.from_json(json.dumps(doc).encode())
     new_token(host="h", services=["meshd-api"], now=NOW, ttl_s=60)  # only the exact name
+
+
+@pytest.mark.parametrize("ttl_s", [MAX_TTL_S + 1, 1e300, math.inf, math.nan, -1.0])
+def test_token_lifetime_is_bounded(ttl_s: float) -> None:
+    with pytest.raises(TokenError, match="token TTL must be"):
+        new_token(host="h", services=["web"], now=NOW, ttl_s=ttl_s)
+
+
+def test_a_week_is_the_longest_token() -> None:
+    _, record = new_token(host="h", services=["web"], now=NOW, ttl_s=MAX_TTL_S)
+    assert MAX_TTL_S == 7 * 86400 and TokenRecord.from_json(record.to_json()) == record
+    with pytest.raises(TokenError, match="longer than 7 days"):
+        dataclasses.replace(record, expires=NOW + MAX_TTL_S + 60)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("expires", "Infinity"), ("expires", "NaN"), ("created", "-Infinity")]
+)
+def test_records_with_non_finite_times_are_refused(field: str, value: str) -> None:
+    """json.loads reads Infinity and NaN; a record holding them is invalid, not eternal."""
+    _, record = make()
+    data = record.to_json().replace(
+        f'"{field}": {getattr(record, field)!r}'.encode(), f'"{field}": {value}'.encode()
+    )
+    assert value.encode() in data
+    with pytest.raises(TokenError, match="finite"):
+        TokenRecord.from_json(data)
+    with pytest.raises(TokenError, match="finite"):
+        dataclasses.replace(record, **{field: float(value)})
 
 
 def test_authorized_for_its_host_and_services() -> None:

@@ -197,6 +197,23 @@ async def test_replayed_revoked_and_expired_tokens(ca: Harness) -> None:
     assert states[token.token_id].revoked and states[token.token_id].consumed == {"web"}
 
 
+async def test_a_token_record_that_never_expires_is_refused(ca: Harness) -> None:
+    """A record written to KV with "expires": Infinity (json.loads reads it) or a lifetime
+    beyond a week is unusable, not eternal."""
+    for expires in (b"Infinity", str(time.time() + 8 * 86400).encode()):
+        token = await ca.token()
+        key = token_key(token.token_id, ca.prefix)
+        _, entry = await ca.consul.kv_get(key)
+        assert entry is not None
+        doc = json.loads(entry.value)
+        doc["expires"] = 0
+        data = json.dumps(doc).encode().replace(b'"expires": 0', b'"expires": ' + expires)
+        await ca.consul.kv_put(key, data)
+        with pytest.raises(SignError) as info:
+            await ca.sign(key_and_csr(ca.identity("web"))[1], token=token)
+        assert info.value.status == 403 and "record is unusable" in str(info.value), expires
+
+
 async def test_concurrent_replay_issues_once(ca: Harness) -> None:
     token = await ca.token()
     results: list[object] = []

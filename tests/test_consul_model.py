@@ -15,6 +15,7 @@ from meshd.consul.model import (
     check_name,
     check_payload,
     go_duration,
+    kv_folder,
     parse_catalog_nodes,
     parse_catalog_services,
     parse_health_service,
@@ -351,6 +352,21 @@ def test_check_key_refuses_keys_the_router_would_rewrite(key: str) -> None:
     with pytest.raises(ValueError, match="key"):
         check_key(key)
     check_key("", allow_empty=True)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "folder"),
+    [("meshd/", "meshd/"), ("meshd", "meshd/"), ("/meshd/", "meshd/"), ("a/b.c", "a/b.c/")],
+)
+def test_kv_folder_is_a_folder_keys_can_be_built_under(prefix: str, folder: str) -> None:
+    assert kv_folder(prefix) == folder
+    check_key(kv_folder(prefix) + "tokens/x")
+
+
+@pytest.mark.parametrize("prefix", ["", "/", "//meshd", "a//b", "a/./b", "meshd/..", "../x"])
+def test_kv_folder_refuses_what_the_router_would_rewrite(prefix: str) -> None:
+    with pytest.raises(ValueError, match="KV prefix .*: expected a KV folder like 'meshd/'"):
+        kv_folder(prefix)
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "a?b", "a#b"])

@@ -74,6 +74,69 @@ async def test_token_create_list_revoke(consul_agent, consul_settings, consul_kv
     assert again.exit_code != 0 and out.read_text().strip() == token.reveal()
 
 
+def _meshctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``meshctl`` as operators run it (its console entry point), in a process of its own."""
+    cmd = [sys.executable, "-c", "from cli.main import main; main()", *args]
+    return subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+
+
+TTL_BOUND = "Invalid value for '--ttl': token TTL must be at most 7 days"
+BAD_FOLDER = "KV prefix 'a//b': expected a KV folder like 'meshd/'"
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("token", "create", "--ttl", "5x"), "Invalid value for '--ttl': expected a duration"),
+        (("token", "create", "--ttl", "8d"), TTL_BOUND),
+        (("token", "create", "--ttl", "9" * 400 + "d"), TTL_BOUND),
+        (("token", "create", "--ttl", "0s"), "Invalid value for '--ttl': token TTL must be more"),
+        (("token", "create", "--kv-prefix", "a//b"), f"for '--kv-prefix': {BAD_FOLDER}"),
+        (("token", "list", "--kv-prefix", "meshd/../x"), "Invalid value for '--kv-prefix'"),
+        (("token", "create", "--service", "meshd"), "meshctl: error: service 'meshd' is reserved"),
+        (("intention", "list", "--prefix", "a//b"), f"for '--prefix': {BAD_FOLDER}"),
+        (("status", "--prefix", "./x"), "Invalid value for '--prefix'"),
+    ],
+)  # fmt: skip
+def test_bad_token_and_prefix_arguments_are_one_line_errors(
+    consul_agent, consul_kv_prefix, args: tuple[str, ...], error: str
+) -> None:
+    """A usage error names the option and why, on one line, with no traceback, and
+    nothing is written (a huge TTL used to store "expires": Infinity, a token that never
+    expires, in a document that is not JSON)."""
+    if args[:2] == ("token", "create"):
+        args = (*args, "--host", "h1", "--service", "web")
+        if "--kv-prefix" not in args:
+            args = (*args, "--kv-prefix", consul_kv_prefix)
+    done = _meshctl(consul_agent.env(), *args)
+    assert done.returncode in (1, 2), done
+    assert "Traceback" not in done.stderr and error in done.stderr, done.stderr
+    assert done.stdout == ""
+    assert len([line for line in done.stderr.splitlines() if "rror" in line]) == 1, done.stderr
+    written = httpx.get(f"{consul_agent.http_address}/v1/kv/{consul_kv_prefix}?keys=true",
+                        headers={"X-Consul-Token": consul_agent.token})  # fmt: skip
+    assert written.status_code == 404  # no key under the test's folder
+
+
+async def test_token_ttl_and_kv_prefix_at_their_limits(consul_agent, consul_settings,
+                                                       consul_kv_prefix) -> None:  # fmt: skip
+    """A week is the longest token; a prefix given with a leading '/', as the consul CLI
+    allows, names the same folder."""
+    done = await trio.to_thread.run_sync(
+        lambda: _meshctl(consul_agent.env(), "token", "create", "--host", "h1", "--service",
+                         "web", "--ttl", "7d", "--kv-prefix", "/" + consul_kv_prefix)
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    token = parse_token(done.stdout)
+    async with open_consul(consul_settings) as consul:
+        _, entry = await consul.kv_get(token_key(token.token_id, consul_kv_prefix))
+    assert entry is not None
+    record = TokenRecord.from_json(entry.value)
+    assert record.expires - record.created == pytest.approx(7 * 86400)
+    json.loads(entry.value, parse_constant=lambda name: pytest.fail(f"{name} in {entry.value!r}"))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -203,6 +203,32 @@ def check_key(key: str, *, allow_empty: bool = False) -> None:
         )
 
 
+def kv_folder(prefix: str) -> str:
+    """The KV folder an operator names (``--prefix meshd/``), as keys are built from it.
+
+    A leading ``/`` is dropped, as the consul CLI drops it, and a trailing one added.
+
+    Returns:
+        The folder, e.g. ``meshd/``.
+
+    Raises:
+        ValueError: empty, or with an empty, ``.`` or ``..`` segment (a key under it would
+            be redirected or misread by Consul's HTTP router), saying so in one line.
+    """
+    folder = prefix.removeprefix("/")
+    if not folder:
+        raise ValueError(f"KV prefix {prefix!r}: expected a KV folder like 'meshd/'")
+    folder = folder if folder.endswith("/") else folder + "/"
+    try:
+        check_key(folder)
+    except ValueError:
+        raise ValueError(
+            f"KV prefix {prefix!r}: expected a KV folder like 'meshd/', without empty,"
+            " '.' or '..' segments"
+        ) from None
+    return folder
+
+
 def check_name(kind: str, name: str) -> None:
     """Refuse names that would change the request path (service, check and session ids).
 
