@@ -9,8 +9,10 @@ secret (the snapshot holds only public material; statistics hold no keys or toke
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +22,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.metrics import AgentMetrics
 from agent.workerlink import MergedMetrics, ReportedSample
+from meshd.logevents import log_event
 
 MAX_REQUEST_BYTES = 8192
 REQUEST_TIMEOUT_S = 5.0
+SEND_TIMEOUT_S = 10.0  # a client that does not read its answer is dropped after this
+
+log = logging.getLogger("meshd.agent.admin")
 
 
 @dataclass
@@ -104,7 +110,11 @@ def route(
     handler = routes.get(path.split("?", 1)[0])
     if handler is None:
         return _response("404 Not Found", b"not found\n", "text/plain")
-    return handler(sources)
+    try:
+        return handler(sources)
+    except Exception as exc:  # a bug in one source must not end the agent
+        log_event(log, logging.ERROR, "admin_failed", path=path[:100], error=repr(exc)[:300])
+        return _response("500 Internal Server Error", b"internal error\n", "text/plain")
 
 
 async def _handle(
@@ -112,20 +122,35 @@ async def _handle(
     stream: trio.SocketStream,
     routes: Mapping[str, Callable[[AdminSources], bytes]] = _ROUTES,
 ) -> None:
+    """Serve one request; never raises (an exception here would end the listener, and with
+    it the agent): a client that resets or stops reading is simply dropped."""
+    # A client that went away has nobody to answer.
+    gone = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
     async with stream:
-        data = b""
-        with trio.move_on_after(REQUEST_TIMEOUT_S):
-            while b"\r\n\r\n" not in data and len(data) < MAX_REQUEST_BYTES:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                data += chunk
-        line = data.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            await stream.send_all(_response("400 Bad Request", b"bad request\n", "text/plain"))
-            return
-        await stream.send_all(route(sources, parts[0], parts[1], routes))
+        with contextlib.suppress(*gone):
+            await _exchange(sources, stream, routes)
+
+
+async def _exchange(
+    sources: AdminSources,
+    stream: trio.SocketStream,
+    routes: Mapping[str, Callable[[AdminSources], bytes]],
+) -> None:
+    data = b""
+    with trio.move_on_after(REQUEST_TIMEOUT_S):
+        while b"\r\n\r\n" not in data and len(data) < MAX_REQUEST_BYTES:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            data += chunk
+    line = data.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        answer = _response("400 Bad Request", b"bad request\n", "text/plain")
+    else:
+        answer = route(sources, parts[0], parts[1], routes)
+    with trio.move_on_after(SEND_TIMEOUT_S):
+        await stream.send_all(answer)
 
 
 async def serve_admin(

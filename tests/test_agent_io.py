@@ -9,6 +9,7 @@ import io
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,37 @@ async def test_the_metrics_port_serves_the_metrics_alone_to_a_bounded_number_of_
                 assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200 OK")
             await stream.aclose()
         assert (await get(port, "/metrics")).startswith(b"HTTP/1.1 200 OK")
+        nursery.cancel_scope.cancel()
+
+
+def _reset(port: int, request: bytes) -> None:
+    """Connect, send *request* (maybe nothing), and close with a reset (SO_LINGER 0)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        if request:
+            sock.sendall(request)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.mark.parametrize("serve", [serve_admin, serve_metrics], ids=["admin", "metrics"])
+async def test_clients_that_reset_or_never_read_leave_the_endpoint_serving(serve) -> None:
+    """A scrape that times out and resets, or anyone on the network doing so to the metrics
+    port, used to end the listener, and with it the agent (trio passes a handler's error
+    on). A handler whose source raises answers 500 and the endpoint goes on."""
+    big = sources()
+    for i in range(20_000):  # a page of about 3 MB: more than the socket buffers hold
+        big.metrics.connections.labels("inbound", f"s{i}", "api", "closed").inc()
+    broken = dataclasses.replace(big, stats=lambda: 1 / 0)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve, broken, "127.0.0.1", 0)
+        await trio.to_thread.run_sync(_reset, port, b"")
+        await trio.to_thread.run_sync(_reset, port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        await trio.to_thread.run_sync(_reset, port, b"GET /metrics HTTP/1.1\r\n")  # half a head
+        await trio.sleep(0.3)
+        reply = await get(port, "/metrics")
+        assert reply.startswith(b"HTTP/1.1 200 OK") and len(reply) > 1_000_000
+        if serve is serve_admin:
+            assert (await get(port, "/stats")).startswith(b"HTTP/1.1 500")
+            assert (await get(port, "/ready")).startswith(b"HTTP/1.1 200")
         nursery.cancel_scope.cancel()
 
 
