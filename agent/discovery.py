@@ -73,6 +73,9 @@ class DestinationResolver:
         except ConsulError as exc:
             log_event(log, logging.WARNING, "discovery_failed", address=address, port=port,
                       error=str(exc))  # fmt: skip
+        except Exception as exc:  # one destination's lookup must never end the agent
+            log_event(log, logging.ERROR, "discovery_failed", address=address, port=port,
+                      error=repr(exc)[:300])  # fmt: skip
         finally:
             self._cache.finish(address, port, service, trio.current_time())
             limiter.release()
@@ -108,7 +111,11 @@ def consul_lookup(consul: ConsulClient) -> Lookup:
         _, nodes = await consul.catalog_nodes(address=address)
         found: list[NodeService] = []
         for node in nodes:
-            for s in await consul.catalog_node_services(node.node):
+            try:
+                services = await consul.catalog_node_services(node.node)
+            except ValueError:
+                continue  # a node name no request path can carry (check_name)
+            for s in services:
                 found.append(NodeService(s.service, s.address, s.port))
         return match_destination(found, address, port)
 

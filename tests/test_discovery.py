@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from agent.discovery import DestinationResolver, serve_discovery
+from agent.discovery import consul_lookup as agent_consul_lookup
 from agent.snapshots import SnapshotPipeline, serve_snapshots
 from meshd.consul import ServiceRegistration, open_consul
 from meshd.snapshot import DestinationCache, LocalService, NodeService, match_destination
@@ -77,6 +78,55 @@ async def test_resolver_suppresses_repeats(autojump_clock: trio.abc.Clock) -> No
         nursery.cancel_scope.cancel()
     assert sorted(calls) == [("10.0.0.1", 80), ("10.0.0.1", 443)]
     assert requested == ["api"]
+
+
+async def test_a_lookup_that_fails_unexpectedly_is_a_miss_not_the_end_of_the_agent() -> None:
+    """Fault injection: whatever one destination's lookup raises, the resolver (a task of
+    the agent's nursery) goes on, and the destination counts as not found."""
+    requested: list[str] = []
+
+    async def lookup(address: str, port: int) -> str | None:
+        if port == 1:
+            raise ValueError("node name 'a/../b': has a '..' segment")
+        return "api"
+
+    async with trio.open_nursery() as nursery:
+        resolver: DestinationResolver = await nursery.start(
+            serve_discovery, lookup, requested.append
+        )
+        resolver.notify_unknown("10.0.0.1", 1)
+        await trio.sleep(0.1)
+        resolver.notify_unknown("10.0.0.1", 80)
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert requested == ["api"]
+    assert resolver.statistics().not_found == 1
+
+
+@pytest.mark.consul
+async def test_a_node_name_no_request_can_carry_is_skipped(
+    consul_agent: ConsulAgentProcess,
+) -> None:
+    """Consul takes any node name in a catalog registration's body; one with a '..'
+    segment cannot be read back by name. The agent's lookup skips it."""
+    address = f"10.77.{uuid.uuid4().int % 250}.9"
+    body = {"Node": "rack1/../db", "Address": address,
+            "Service": {"Service": "odd-db", "Port": 5432}}  # fmt: skip
+
+    def put(path: str, payload: object) -> None:
+        request = urllib.request.Request(
+            consul_agent.http_address + path, data=json.dumps(payload).encode(), method="PUT",
+            headers={"X-Consul-Token": consul_agent.token},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+
+    put("/v1/catalog/register", body)
+    try:
+        async with open_consul(consul_agent.settings()) as consul:
+            assert await agent_consul_lookup(consul)(address, 5432) is None
+    finally:
+        put("/v1/catalog/deregister", {"Node": body["Node"]})
 
 
 def consul_lookup(agent: ConsulAgentProcess) -> Any:
