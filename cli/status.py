@@ -5,10 +5,17 @@ config and the intentions documents (loaded exactly as the agents load them, so 
 document shows as the denial the agents enforce). ``status`` exits 1 when it finds a
 problem (:mod:`meshd.meshstatus` says what counts), so a script or a monitoring check can
 run it as it is.
+
+Consul accepts service names that its HTTP API cannot address (``a//b``, ``..``: Go's
+router cleans such a path and reads another name, or none). Their health is not read:
+``status`` names them as a problem (it cannot vouch for what it did not see) and
+``services`` leaves them out with a note on stderr. Every other name, ``a/b`` included, is
+read as itself (:func:`meshd.consul.model.check_name`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
@@ -20,10 +27,11 @@ import trio
 from cli.intention import format_option, prefix_option
 from cli.output import table
 from meshd.consul import ConsulClient, ConsulSettings, ServiceInstance, open_consul
+from meshd.consul.model import check_name
 from meshd.errors import MeshdError
 from meshd.intentions import documents_from_kv, intentions_prefix
 from meshd.meshconfig import load_mesh_config, mesh_config_key, mesh_config_to_json
-from meshd.meshstatus import MeshStatus, ServiceSummary, mesh_status, summarize_service
+from meshd.meshstatus import LISTED, MeshStatus, ServiceSummary, mesh_status, summarize_service
 from meshd.trustbundle import TrustBundle, bundle_key
 
 READ_CONCURRENCY = 16  # health reads in flight at once (one per service)
@@ -49,7 +57,9 @@ def status(ctx: click.Context, prefix: str, fmt: str) -> None:
 @format_option
 def services(fmt: str) -> None:
     """List the catalog's services: instances by health, and how many are meshed."""
-    found = trio.run(_read_services)
+    found, unreadable = trio.run(_read_services)
+    if unreadable:
+        click.echo(f"note: left out, {_unreadable(unreadable)}", err=True)
     summaries = [summarize_service(name, instances) for name, instances in found.items()]
     if fmt == "json":
         click.echo(json.dumps([_service_json(s) for s in summaries], indent=2))
@@ -73,15 +83,20 @@ def services(fmt: str) -> None:
 # -- reading -------------------------------------------------------------------------------
 
 
-async def _read_services() -> dict[str, tuple[ServiceInstance, ...]]:
+Catalog = dict[str, tuple[ServiceInstance, ...]]
+
+
+async def _read_services() -> tuple[Catalog, tuple[str, ...]]:
     async with open_consul(ConsulSettings.from_env()) as consul:
         return await _all_instances(consul)
 
 
-async def _all_instances(consul: ConsulClient) -> dict[str, tuple[ServiceInstance, ...]]:
-    """Every service of the catalog with all of its instances, each with its health."""
+async def _all_instances(consul: ConsulClient) -> tuple[Catalog, tuple[str, ...]]:
+    """Every service of the catalog with all of its instances, each with its health; and
+    the names Consul's HTTP API cannot address, whose health is not read."""
     _, names = await consul.catalog_services()
-    found: dict[str, tuple[ServiceInstance, ...]] = {}
+    readable = [name for name in names if _addressable(name)]
+    found: Catalog = {}
     limiter = trio.CapacityLimiter(READ_CONCURRENCY)
 
     async def read(name: str) -> None:
@@ -89,9 +104,26 @@ async def _all_instances(consul: ConsulClient) -> dict[str, tuple[ServiceInstanc
             _, found[name] = await consul.health_service(name, passing_only=False)
 
     async with trio.open_nursery() as nursery:
-        for name in names:
+        for name in readable:
             nursery.start_soon(read, name)
-    return dict(sorted(found.items()))
+    return dict(sorted(found.items())), tuple(sorted(set(names) - set(readable)))
+
+
+def _addressable(name: str) -> bool:
+    try:
+        check_name("service name", name)
+    except ValueError:
+        return False
+    return True
+
+
+def _unreadable(names: tuple[str, ...]) -> str:
+    shown = ", ".join(repr(name) for name in names[:LISTED])
+    more = f" and {len(names) - LISTED} more" if len(names) > LISTED else ""
+    return (
+        f"service(s) {shown}{more}: Consul's HTTP API cannot address the name (an empty,"
+        " '.' or '..' segment between '/'), so their health was not read; rename them"
+    )
 
 
 async def _read_status(prefix: str) -> MeshStatus:
@@ -107,7 +139,7 @@ async def read_mesh(
     all of its instances)."""
     datacenter = await consul.datacenter()
     leader = await consul.leader()
-    instances = await _all_instances(consul)
+    instances, unreadable = await _all_instances(consul)
     _, bundle_entry = await consul.kv_get(bundle_key(prefix))
     _, config_entry = await consul.kv_get(mesh_config_key(prefix))
     _, listed = await consul.kv_list(intentions_prefix(prefix))
@@ -125,6 +157,8 @@ async def read_mesh(
         intentions=documents_from_kv(((e.key, e.value) for e in listed), prefix),
         now=dt.datetime.now(dt.UTC),
     )
+    if unreadable:
+        found = dataclasses.replace(found, problems=(*found.problems, _unreadable(unreadable)))
     return found, instances
 
 

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from click.testing import CliRunner
@@ -166,3 +167,69 @@ async def _kv_put(agent: ConsulAgentProcess, key: str, value: bytes) -> None:
 async def _kv_delete(agent: ConsulAgentProcess, key: str) -> None:
     async with open_consul(agent.settings()) as consul:
         await consul.kv_delete(key)
+
+
+def _register_raw(agent: ConsulAgentProcess, body: dict[str, Any]) -> None:
+    """Register as any Consul client may, past our own model's checks."""
+    reply = httpx.put(f"{agent.http_address}/v1/agent/service/register", json=body,
+                      headers={"X-Consul-Token": agent.token})  # fmt: skip
+    assert reply.status_code == 200, reply.text
+
+
+def test_odd_but_legal_service_names_are_read_or_reported(
+    private_consul_agent: ConsulAgentProcess,
+) -> None:
+    """Consul accepts 'a/b' and 'a//b' as service names. The first is read as itself; the
+    second no request path can address (Go's router would clean it into 'a/b'), so
+    status names it as a problem and services leaves it out with a note, never a crash."""
+    agent = private_consul_agent
+    _register_raw(agent, {"Name": "a/b", "ID": "slash-1", "Port": 7001})
+    _register_raw(agent, {"Name": "a?b", "ID": "query-1", "Port": 7002})
+    result = CliRunner().invoke(meshctl, ["services", "--format", "json"], env=agent.env())
+    assert result.exit_code == 0, (result.output, result.exception)
+    by_name = {s["name"]: s for s in json.loads(result.stdout)}
+    assert by_name["a/b"]["instances"] == 1 and by_name["a?b"]["instances"] == 1
+    assert result.stderr == ""
+
+    _register_raw(agent, {"Name": "a//b", "ID": "double-1", "Port": 7003})
+    result = CliRunner().invoke(meshctl, ["services"], env=agent.env())
+    assert result.exit_code == 0, (result.output, result.exception)
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert rows["a/b"][1] == "1" and "a//b" not in rows  # not counted as a/b's either
+    assert result.stderr.startswith("note: left out, service(s) 'a//b': Consul's HTTP API")
+    assert result.stderr.count("\n") == 1
+    code, found = status_json(agent)
+    assert code == 1
+    assert [p for p in found["problems"] if "'a//b'" in p] == [
+        "service(s) 'a//b': Consul's HTTP API cannot address the name (an empty, '.' or '..'"
+        " segment between '/'), so their health was not read; rename them"
+    ]
+    code, text = run(agent, "check")
+    assert code == 1 and "FAIL  mesh" in text and "'a//b'" in text, text
+
+
+@pytest.mark.parametrize(
+    ("port", "reason"),
+    [
+        ("abc", "meta meshd-metrics-port 'abc' is not a port (1-65535)"),
+        ("70000", "meta meshd-metrics-port '70000' is not a port (1-65535)"),
+        ("abc:80", "Invalid port: 'abc:80'"),  # httpx.InvalidURL: not an httpx.HTTPError
+    ],
+)
+def test_an_agent_registered_with_a_bad_metrics_port_is_a_failed_scrape(
+    private_consul_agent: ConsulAgentProcess, port: str, reason: str
+) -> None:
+    agent = private_consul_agent
+    registration = {"Name": "meshd-agent", "ID": "meshd-agent-h1", "Port": 15020,
+                    "Address": "127.0.0.1", "Meta": {"meshd-metrics-port": port}}  # fmt: skip
+    _register_raw(agent, registration)
+    code, text = run(agent, "stat", "--window", "0.5")
+    assert code == 1, text
+    assert f"unreachable: 127.0.0.1:{port}: {reason} (its counts are missing above)" in text
+    code, text = run(agent, "check", "--format", "json")
+    assert code == 1
+    assert {
+        "name": "agent meshd-private",
+        "status": "FAIL",
+        "detail": f"metrics port 127.0.0.1:{port}: {reason}",
+    } in json.loads(text), text

@@ -369,7 +369,12 @@ def test_kv_folder_refuses_what_the_router_would_rewrite(prefix: str) -> None:
         kv_folder(prefix)
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "a?b", "a#b"])
+@pytest.mark.parametrize("name", ["", "/a", "a/", "a//b", ".", "..", "a/./b", "x/../y"])
 def test_check_name_refuses_path_changing_names(name: str) -> None:
     with pytest.raises(ValueError, match="service id"):
         check_name("service id", name)
+
+
+@pytest.mark.parametrize("name", ["web", "a/b", "a?b", "a#b", "a%41b", "a b", "a.b", "..a"])
+def test_check_name_accepts_names_that_reach_consul_as_themselves(name: str) -> None:
+    check_name("service name", name)  # tests/test_cli_status.py reads them from Consul

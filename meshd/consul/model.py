@@ -230,13 +230,24 @@ def kv_folder(prefix: str) -> str:
 
 
 def check_name(kind: str, name: str) -> None:
-    """Refuse names that would change the request path (service, check and session ids).
+    """Refuse names that would not reach Consul as themselves in a request path (service
+    and node names; service, check and session ids).
+
+    python-consul2 percent-encodes the path (everything but ``/`` and ``:``), and Consul
+    takes the rest of the path after the endpoint as the name, so ``a/b``, ``a?b``,
+    ``a#b``, ``a%41b`` and ``a b`` are read as themselves (tested against a real Consul;
+    Consul accepts such names at registration). What does not survive is what Go's router
+    cleans and redirects (and httpx normalises): an empty, ``.`` or ``..`` segment. Such a
+    name would read another name, or nothing.
 
     Raises:
-        ValueError: empty, or containing ``/``, ``?`` or ``#``.
+        ValueError: empty, or with an empty, ``.`` or ``..`` segment between ``/``.
     """
-    if not name or "/" in name or "?" in name or "#" in name:
-        raise ValueError(f"{kind} {name!r}: must be non-empty without '/', '?' or '#'")
+    if not name or any(part in ("", ".", "..") for part in name.split("/")):
+        raise ValueError(
+            f"{kind} {name!r}: cannot be sent in a Consul request path (an empty, '.' or"
+            " '..' segment between '/' would address another name)"
+        )
 
 
 def go_duration(seconds: float) -> str:
