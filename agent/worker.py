@@ -34,7 +34,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -305,6 +305,8 @@ class WorkerPool:
         on_unknown: where a worker's unmapped destinations go (discovery).
         log: the agent's log.
         level: the log level workers run with (``[log] level``).
+        argv: the command that starts a worker, ``--link-fd FD`` appended (default: this
+            Python, ``-m agent.worker``; tests start faulty workers with it).
     """
 
     def __init__(
@@ -319,6 +321,7 @@ class WorkerPool:
         on_unknown: Callable[[str, int], None],
         log: JsonLog,
         level: str = "info",
+        argv: Sequence[str] | None = None,
     ) -> None:
         self._proxy = proxy
         self._kv_prefix = kv_prefix
@@ -328,7 +331,11 @@ class WorkerPool:
         self._services = list(services)
         self._on_unknown = on_unknown
         self._log = log
-        self._argv = [sys.executable, "-m", "agent.worker", "--log-level", level]
+        self._argv = (
+            list(argv)
+            if argv is not None
+            else [sys.executable, "-m", "agent.worker", "--log-level", level]
+        )
         self.status = [WorkerStatus(i + 1) for i in range(count)]
         self._reports: dict[int, list[ReportedSample]] = {}
         # Counters of workers that exited, so the host's totals never go down.
@@ -458,10 +465,13 @@ class WorkerPool:
         if snapshot is not None:
             version = snapshot.version
             await link.send_snapshot(to_json(snapshot))
+        # Taken before the message is made: a certificate installed while it is on its way
+        # sets this event, and _send_certs sends again.
+        changed = self._certifier.changed
         await link.send_json(certs_message(self._services, self._certifier.current))
         await link.send_json({"type": "start"})
-        nursery.start_soon(self._send_snapshots, link, version)
-        nursery.start_soon(self._send_certs, link)
+        nursery.start_soon(self._send_snapshots, link, version, process)
+        nursery.start_soon(self._send_certs, link, changed, process)
         nursery.start_soon(self._send_drain, link, status, process)
         while True:
             # A worker reports every second, also while it drains.
@@ -487,16 +497,29 @@ class WorkerPool:
         else:
             raise WorkerLinkError(f"unknown message type {kind!r} from worker {status.index}")
 
-    async def _send_snapshots(self, link: Link, version: int | None) -> None:
-        while True:
-            snapshot = await self._snapshots.wait_newer(version)
-            version = snapshot.version
-            await link.send_snapshot(to_json(snapshot))
+    async def _send_snapshots(self, link: Link, version: int | None, process: trio.Process) -> None:
+        with self._link_failure_ends(process):
+            while True:
+                snapshot = await self._snapshots.wait_newer(version)
+                version = snapshot.version
+                await link.send_snapshot(to_json(snapshot))
 
-    async def _send_certs(self, link: Link) -> None:
-        while True:
-            await self._certifier.changed.wait()
-            await link.send_json(certs_message(self._services, self._certifier.current))
+    async def _send_certs(self, link: Link, changed: trio.Event, process: trio.Process) -> None:
+        with self._link_failure_ends(process):
+            while True:
+                await changed.wait()
+                changed = self._certifier.changed  # before the message: see _feed
+                await link.send_json(certs_message(self._services, self._certifier.current))
+
+    @contextlib.contextmanager
+    def _link_failure_ends(self, process: trio.Process) -> Iterator[None]:
+        """A send to a worker that died, or one that cannot be sent, ends that worker (it
+        is started again) and never the agent: a task of the worker's nursery that raised
+        would end the pool, and the agent with it."""
+        try:
+            yield
+        except (WorkerLinkError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self._kill(process)
 
     async def _send_drain(self, link: Link, status: WorkerStatus, process: trio.Process) -> None:
         await self._drain.wait()
