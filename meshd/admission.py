@@ -43,6 +43,10 @@ FAILURE_WINDOW_S = 10.0
 #: could take every slot, and dodge the failure limit, by rotating addresses.
 IPV6_SOURCE_PREFIX = 64
 
+#: Sources whose failures are remembered; beyond it the one that failed least recently is
+#: forgotten (a flood from more addresses than this is bounded by the other limits).
+FAILING_SOURCES = 4096
+
 
 def source_of(client: str) -> str:
     """What a connection from *client* (``address:port``, as ``getpeername`` gives it)
@@ -58,9 +62,6 @@ def source_of(client: str) -> str:
         keep = 128 - IPV6_SOURCE_PREFIX
         return str(ipaddress.IPv6Network((int(ip) >> keep << keep, IPV6_SOURCE_PREFIX)))
     return str(ip)
-#: Sources whose failures are remembered; beyond it the one that failed least recently is
-#: forgotten (a flood from more addresses than this is bounded by the other limits).
-FAILING_SOURCES = 4096
 
 
 @dataclass
