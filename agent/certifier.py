@@ -62,6 +62,7 @@ class CertifierSettings:
     retry_base_s: float = 1.0
     retry_cap_s: float = 60.0
     request_timeout_s: float = 15.0
+    save_retry_s: float = 30.0  # a certificate in use that could not be written yet
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class _State:
     issued: int = 0
     failures: int = 0
     last_error: str = ""
+    unsaved: bytes | None = None  # a chain in use that could not be written to disk yet
 
 
 def endpoints_from_addresses(addresses: Iterable[str]) -> Endpoints:
@@ -214,6 +216,9 @@ class Certifier:
                 cert is None
                 or phase(self._clock(), state.renew_time, cert.not_after) != Phase.FRESH
             )
+            if state.unsaved is not None and not self._save(service):
+                await trio.sleep(self._settings.save_retry_s)
+                continue
             if not due:
                 await self._sleep_until(state.renew_time)
             elif await self._attempt(service):
@@ -267,11 +272,28 @@ class Certifier:
         answer = await self._ask(request, bundle, token=token, client_cert=client_cert)
         cert = _certified(service, answer.chain_pem, key_path)
         self._check_answer(answer.chain_pem, key, bundle, service)
-        write_public(chain_path, answer.chain_pem)
+        # Signed is signed: a certificate that cannot be saved (a full disk) is served all
+        # the same, and saved when it can be. Thrown away, it could not be had again: a
+        # first issuance spent the bootstrap token.
+        self._states[service].unsaved = answer.chain_pem  # written by _serve_service
         via = "renewal" if client_cert else "token"
         log_event(log, logging.INFO, "cert_issued", service=service, serial=f"{cert.serial:x}",
                   not_after=cert.not_after, via=via)  # fmt: skip
         return cert
+
+    def _save(self, service: str) -> bool:
+        """Write *service*'s unsaved chain; False (logged) when it cannot be, yet."""
+        state = self._states[service]
+        if state.unsaved is None:
+            return True
+        try:
+            write_public(self._paths(service)[1], state.unsaved)
+        except MeshdError as exc:
+            log_event(log, logging.WARNING, "cert_not_saved", service=service,
+                      reason=str(exc)[:300], retry_in_s=self._settings.save_retry_s)  # fmt: skip
+            return False
+        state.unsaved = None
+        return True
 
     def _key(self, key_path: Path) -> ec.EllipticCurvePrivateKey:
         try:

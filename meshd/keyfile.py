@@ -100,10 +100,12 @@ def _write_atomic(path: Path, data: bytes, mode: int, *, overwrite: bool) -> Non
             handle.flush()
             os.fsync(handle.fileno())
         _install(tmp, path, overwrite=overwrite)
+        _fsync_directory(directory)
+    except OSError as exc:  # a full disk, an I/O error: the caller's to handle, by name
+        raise KeyFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    _fsync_directory(directory)
 
 
 def _install(tmp: Path, path: Path, *, overwrite: bool) -> None:

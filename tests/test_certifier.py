@@ -8,6 +8,7 @@ certificates' real validity.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import threading
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from agent.certifier import Certifier, CertifierSettings
 from agent.signclient import Endpoint
 from cli.token import create_token
+from meshd import keyfile
 from meshd.consul.client import ConsulClient, open_consul
 from meshd.keyfile import write_secret
 from meshd.server.ca import SigningAuthority
@@ -31,7 +33,9 @@ from meshd.server.daemon import MeshdServer, ServeOptions, serve_meshd
 from tests.plugins.pki import MeshCa
 
 pytestmark = pytest.mark.consul
-FAST = CertifierSettings(max_step_s=0.05, retry_base_s=0.05, retry_cap_s=0.2, request_timeout_s=5)
+FAST = CertifierSettings(
+    max_step_s=0.05, retry_base_s=0.05, retry_cap_s=0.2, request_timeout_s=5, save_retry_s=0.1
+)
 
 
 class WallClock:
@@ -263,3 +267,37 @@ async def test_token_file_must_be_private(mesh: Mesh, tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     assert certifier.current("web") is None
     assert "0644" in certifier.statistics().services[0].last_error
+
+
+async def test_a_certificate_signed_while_the_disk_is_full_is_served_and_saved_later(
+    mesh: Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the chain's fsync fails with ENOSPC. That used to end the agent
+    (an OSError out of meshd.keyfile) and lose the certificate, whose bootstrap token was
+    spent: the service could never get one again. Now it is served from memory, and
+    written once the disk has room."""
+    certifier = _certifier(mesh, tmp_path, await _token_file(mesh, tmp_path))
+    real_fsync = os.fsync
+    full = True
+
+    def fsync(fd: int) -> None:
+        if full and ".web.pem." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(keyfile.os, "fsync", fsync)
+    chain = tmp_path / "state" / "certs" / "web.pem"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(certifier.serve)
+        await _wait(certifier, lambda: certifier.current("web") is not None)
+        await trio.sleep(0.3)  # a few save attempts
+        assert not chain.exists()
+        full = False
+        with trio.fail_after(5):
+            while not chain.exists():
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    cert = certifier.current("web")
+    assert cert is not None and chain.read_bytes() == cert.chain_pem
+    (stats,) = certifier.statistics().services
+    assert stats.issued == 1 and stats.failures == 0
