@@ -212,7 +212,11 @@ def render_rules(spec: RedirectSpec, family: Family, current: str = "") -> str:
     tables = parse_save(current)
     want = desired_state(spec, family)
     out: list[str] = []
-    for name in _TABLES:
+    # iptables-restore commits one table at a time: the wanted table goes first, so that
+    # every state in between holds both the old and the new rules (fail closed: refused),
+    # never neither (IPv6 let through uncaptured, when switching between redirect and
+    # refuse).
+    for name in sorted(_TABLES, key=lambda t: t != want.table):
         table = tables.get(name, SavedTable(name, (), ()))
         if name == want.table:
             out += [f"*{name}", *_table_apply(want, table), "COMMIT"]

@@ -316,6 +316,26 @@ def test_apply_is_idempotent_switches_cleanly_and_removes_only_ours(
     assert render_removal(restore_noflush(FOREIGN, "")) == ""
 
 
+@pytest.mark.parametrize(("before", "after"), [("redirect", "refuse"), ("refuse", "redirect")])
+def test_switching_ipv6_between_tables_never_passes_through_no_rules(
+    before: str, after: str
+) -> None:
+    """ip6tables-restore commits table by table. Killed after the first COMMIT of a switch
+    between redirect (nat) and refuse (filter), the ruleset must still capture IPv6: the
+    new table's rules go in before the old table's come out (both at once fail closed)."""
+    old = RedirectSpec(proxy_uid=7, inbound_ports=(8080,), ipv6=before)  # type: ignore[arg-type]
+    new = RedirectSpec(proxy_uid=7, inbound_ports=(8080,), ipv6=after)  # type: ignore[arg-type]
+    state = restore_noflush(FOREIGN, render_rules(old, 6, FOREIGN))
+    payload = render_rules(new, 6, state)
+    first = payload[: payload.index("COMMIT\n") + len("COMMIT\n")]
+    partial = parse_save(restore_noflush(state, first))
+    ours = {
+        name for name, table in partial.items()
+        if any(rule.chain.startswith("MESHD_") for rule in table.rules)
+    }  # fmt: skip
+    assert ours == {"nat", "filter"}, (first, ours)
+
+
 # ---------------------------------------------------------------- examples
 
 
