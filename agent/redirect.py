@@ -225,7 +225,7 @@ async def keep_applied(
         await trio.sleep(interval)
         try:
             problems = await trio.to_thread.run_sync(repair, spec)
-        except RedirectError as exc:
+        except (MeshdError, OSError) as exc:  # also iptables-save output it cannot read
             on_failed(str(exc))
             continue
         if problems:
