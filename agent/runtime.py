@@ -51,6 +51,10 @@ from meshd.dataplane import DataPlaneView, ViewCache
 from meshd.sdnotify import notify, watchdog_interval_s
 from meshd.snapshot import to_json
 
+#: At most this long for deregistration from Consul when the agent stops (Consul's own
+#: checks mark what is left critical).
+DEREGISTER_TIMEOUT_S = 8.0
+
 
 @dataclass
 class AgentOptions:
@@ -235,7 +239,13 @@ async def _serve_proxies(
             await handle.stop.wait()
             notify("STOPPING=1")
             log.event("agent_draining", open_connections=len(conns))
-            await handle.registrar.deregister_all()
+            # Bounded: with Consul hung, the drain must still fit systemd's stop timeout
+            # (TimeoutStopSec=45: this, propagation and drain_timeout, 30 s by default).
+            with trio.move_on_after(DEREGISTER_TIMEOUT_S) as bounded:
+                await handle.registrar.deregister_all()
+            if bounded.cancelled_caught:
+                log.event("deregistration_timed_out", level="warning",
+                          seconds=DEREGISTER_TIMEOUT_S)  # fmt: skip
             await trio.sleep(options.propagation_s)
             acceptors.cancel_scope.cancel()
             # Connections opened ahead of need carry nothing yet: close them now, both ways,
