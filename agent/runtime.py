@@ -288,6 +288,9 @@ async def _serve_policy_enforcement(
 ) -> None:
     """On every new snapshot: refresh gauges, and close connections it now denies."""
     version: int | None = None
+    # Said once each, when they appear: snapshots follow every endpoint change, and the
+    # same invalid document on each would flood the log.
+    reported: frozenset[tuple[str, str]] = frozenset()
     while True:
         snapshot = await pipeline.holder.wait_newer(version)
         version = snapshot.version
@@ -297,15 +300,17 @@ async def _serve_policy_enforcement(
         metrics.config_errors.labels("intentions").set(len(view.policy.invalid))
         metrics.config_errors.labels("mesh").set(0 if view.mesh_error is None else 1)
         metrics.config_errors.labels("bundle").set(0 if view.bundle is not None else 1)
-        for invalid in view.policy.invalid:
-            log.event(
-                "invalid_intentions",
-                level="error",
-                destination=invalid.destination,
-                reason=invalid.reason,
-            )
-        if view.mesh_error is not None:
-            log.event("invalid_mesh_config", level="error", reason=view.mesh_error)
+        problems = frozenset(
+            [(f"intentions:{i.destination}", i.reason) for i in view.policy.invalid]
+            + ([("mesh", view.mesh_error)] if view.mesh_error is not None else [])
+        )
+        for what, reason in sorted(problems - reported):
+            if what == "mesh":
+                log.event("invalid_mesh_config", level="error", reason=reason)
+            else:
+                log.event("invalid_intentions", level="error",
+                          destination=what.removeprefix("intentions:"), reason=reason)  # fmt: skip
+        reported = problems
         if close_denied and len(conns):
             closed = conns.close_denied(view)
             if closed:
