@@ -7,9 +7,15 @@ with a salted SHA-256 of the secret, never the secret itself: with 256 bits of e
 slow hash buys nothing, and the per-token salt keeps two records from ever being compared.
 
 Every token is scoped to one host and a set of services, expires, can be revoked, and is
-good for one issuance per service: the server marks a service consumed with a
-check-and-set write *before* it signs, so a replayed (or raced) token is refused.
-Everything here is pure; the server does the KV reads and writes.
+good for one key per service: the server marks a service consumed, with the fingerprint of
+the key it certified, in a check-and-set write before it hands the certificate out, so a
+replayed (or raced) token is refused. Only the same requester may come back: a CSR for
+the *same* key (its signature proves the caller holds the private key, which never leaves
+the host) is signed again while the token is valid, because the first answer may never have
+reached the host (a timeout, a reset, a restart before the chain was saved). A stolen token
+alone gains nothing from this: it also needs the host's private key. A record without a
+fingerprint for a consumed service (written before fingerprints were kept) allows no retry
+for it. Everything here is pure; the server does the KV reads and writes.
 
 Service ``meshd`` is reserved: it is the control plane's own identity, which agents trust
 as the CA (they send it their tokens) and find in Consul under that name. The servers
@@ -32,6 +38,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from meshd.errors import MeshdError
 from meshd.identity import check_label
 from meshd.registry import SERVER_SERVICE
@@ -49,6 +58,7 @@ _LIFETIME_SLACK_S = 1.0
 _TOKEN = re.compile(r"mtk_([a-f0-9]{16})\.([A-Za-z0-9_-]{43})")
 _ID = re.compile(r"[a-f0-9]{16}")
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 class TokenError(MeshdError):
@@ -102,6 +112,15 @@ def _digest(salt: bytes, secret: str) -> bytes:
     return hashlib.sha256(salt + secret.encode("ascii")).digest()
 
 
+def key_fingerprint(public_key: CertificatePublicKeyTypes) -> str:
+    """The SHA-256 of a public key's DER SubjectPublicKeyInfo, lower-case hex.
+
+    This is what a token record keeps of the key each service was issued to.
+    """
+    der = public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
 @dataclass(frozen=True)
 class TokenRecord:
     """What Consul KV stores about a token: scope, validity and a salted hash of the secret.
@@ -114,8 +133,11 @@ class TokenRecord:
         expires: Unix time after which it is refused.
         salt: per-token random salt.
         digest: SHA-256(salt + secret).
-        consumed: services already issued with this token (each is good once).
+        consumed: services already issued with this token (each for one key).
         revoked: set by ``meshctl token revoke``.
+        consumed_keys: ``(service, key fingerprint)`` pairs, sorted: the key each consumed
+            service was issued to (:func:`key_fingerprint`); a retry with that key is
+            signed again. A consumed service without one allows no retry.
     """
 
     token_id: str
@@ -127,6 +149,7 @@ class TokenRecord:
     digest: bytes = field(repr=False)
     consumed: frozenset[str] = frozenset()
     revoked: bool = False
+    consumed_keys: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         token_key(self.token_id)
@@ -143,6 +166,7 @@ class TokenRecord:
             )
         if not self.consumed <= self.services:
             raise TokenError(f"token {self.token_id}: consumed services outside its scope")
+        self._check_consumed_keys()
         if not (math.isfinite(self.created) and math.isfinite(self.expires)):
             raise TokenError(f"token {self.token_id}: created and expires must be finite times")
         if not self.expires > self.created:
@@ -150,13 +174,31 @@ class TokenRecord:
         if self.expires - self.created > MAX_TTL_S + _LIFETIME_SLACK_S:
             raise TokenError(f"token {self.token_id}: lives longer than {MAX_TTL_S / 86400:g} days")
 
+    def _check_consumed_keys(self) -> None:
+        services = [service for service, _ in self.consumed_keys]
+        if services != sorted(set(services)) or not set(services) <= self.consumed:
+            raise TokenError(f"token {self.token_id}: consumed_keys must name consumed services")
+        if not all(_FINGERPRINT.fullmatch(fp) for _, fp in self.consumed_keys):
+            raise TokenError(f"token {self.token_id}: a consumed key is not a SHA-256 hex digest")
+
+    def key_for(self, service: str) -> str | None:
+        """The fingerprint of the key *service* was issued to, or None (not consumed, or
+        consumed before fingerprints were kept)."""
+        return dict(self.consumed_keys).get(service)
+
     def matches(self, secret: str) -> bool:
         """Whether *secret* is this token's secret (constant-time comparison)."""
         return hmac.compare_digest(_digest(self.salt, secret), self.digest)
 
-    def consume(self, service: str) -> TokenRecord:
-        """The record after issuing *service* once."""
-        return replace(self, consumed=self.consumed | {service})
+    def consume(self, service: str, key: str) -> TokenRecord:
+        """The record after issuing *service* to the key with fingerprint *key*.
+
+        Consuming a service again for the key it was issued to changes nothing.
+        """
+        keys = dict(self.consumed_keys) | {service: key}
+        return replace(
+            self, consumed=self.consumed | {service}, consumed_keys=tuple(sorted(keys.items()))
+        )
 
     def revoke(self) -> TokenRecord:
         """The record after revocation."""
@@ -174,6 +216,7 @@ class TokenRecord:
             "salt": self.salt.hex(),
             "sha256": self.digest.hex(),
             "consumed": sorted(self.consumed),
+            "consumed_keys": dict(self.consumed_keys),
             "revoked": self.revoked,
         }
         # allow_nan=False: never write Infinity or NaN, which are not JSON.
@@ -200,6 +243,7 @@ class TokenRecord:
                 digest=bytes.fromhex(_typed(doc, "sha256", str)),
                 consumed=frozenset(_strings(doc, "consumed")),
                 revoked=_typed(doc, "revoked", bool),
+                consumed_keys=_consumed_keys(doc),
             )
         except (ValueError, MeshdError) as exc:
             raise TokenError(f"token record is invalid: {exc}") from exc
@@ -219,6 +263,14 @@ def _strings(doc: dict[str, Any], name: str) -> list[str]:
     if not all(isinstance(item, str) for item in value):
         raise TokenError(f"token record: field {name!r} must be a list of strings")
     return list(value)
+
+
+def _consumed_keys(doc: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    # Optional: records written before fingerprints were kept have none (no retry).
+    value = doc.get("consumed_keys", {})
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise TokenError("token record: field 'consumed_keys' must map services to strings")
+    return tuple(sorted(value.items()))
 
 
 def new_token(
@@ -279,14 +331,25 @@ def check_ttl(ttl_s: float) -> None:
 
 @dataclass(frozen=True)
 class TokenDecision:
-    """The outcome of :func:`authorize_csr_by_token`; ``reason`` is safe to log and answer."""
+    """The outcome of :func:`authorize_csr_by_token`; ``reason`` is safe to log and answer.
+
+    ``retry`` is True when the service was already issued to the presented key: the
+    same requester asks again, and is signed again.
+    """
 
     allowed: bool
     reason: str
+    retry: bool = False
 
 
 def authorize_csr_by_token(
-    record: TokenRecord, presented_secret: str, host: str, service: str, now: float
+    record: TokenRecord,
+    presented_secret: str,
+    host: str,
+    service: str,
+    now: float,
+    *,
+    key: str | None = None,
 ) -> TokenDecision:
     """Decide whether a token entitles *host* to a first certificate for *service*.
 
@@ -296,11 +359,18 @@ def authorize_csr_by_token(
         host: the host the caller claims to be.
         service: the service the CSR is for.
         now: Unix time of the decision.
+        key: the fingerprint (:func:`key_fingerprint`) of the CSR's public key, or None
+            when it cannot be read. The caller must still check that the CSR's signature
+            verifies (proof of possession) before it signs.
 
     Returns:
         Allowed, or refused with the first reason that applies (bad secret, revoked,
-        expired, wrong host, service out of scope, already consumed for the service).
+        expired, wrong host, service out of scope, already consumed for the service with
+        another key or with no key recorded). Allowed with ``retry`` when the service was
+        consumed for this very key.
     """
+    recorded = record.key_for(service)
+    retry = service in record.consumed and key is not None and recorded == key
     checks = (
         (not record.matches(presented_secret), "token secret does not match"),
         (record.revoked, f"token {record.token_id} is revoked"),
@@ -312,11 +382,18 @@ def authorize_csr_by_token(
             f"token {record.token_id} does not cover service {service!r}",
         ),
         (
-            service in record.consumed,
-            f"token {record.token_id} was already used for service {service!r}",
+            service in record.consumed and not retry,
+            f"token {record.token_id} was already used for service {service!r}"
+            + (" with another key" if recorded is not None else ""),
         ),
     )
     for failed, reason in checks:
         if failed:
             return TokenDecision(allowed=False, reason=reason)
+    if retry:
+        return TokenDecision(
+            allowed=True,
+            reason=f"token {record.token_id} re-issues {host}/{service} for the same key",
+            retry=True,
+        )
     return TokenDecision(allowed=True, reason=f"token {record.token_id} entitles {host}/{service}")

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshd import pki
 from meshd.bootstrap import (
     MAX_TTL_S,
     TokenError,
     TokenRecord,
     authorize_csr_by_token,
+    key_fingerprint,
     new_token,
     parse_token,
     token_key,
@@ -22,6 +26,7 @@ from meshd.bootstrap import (
 from meshd.renewal import Phase, backoff, next_check, phase, renew_at
 
 NOW = 1_800_000_000.0
+KEY_A, KEY_B = "a" * 64, "b" * 64  # key fingerprints
 
 
 def make(**overrides: object):
@@ -170,10 +175,74 @@ def test_refusals_name_the_reason(overrides, secret, host, service, now, reason)
 
 def test_consume_refuses_replay_but_keeps_other_services() -> None:
     token, record = make()
-    used = TokenRecord.from_json(record.consume("web").to_json())
+    used = TokenRecord.from_json(record.consume("web", KEY_A).to_json())
     assert not authorize_csr_by_token(used, token.secret, "web-1", "web", NOW).allowed
     assert authorize_csr_by_token(used, token.secret, "web-1", "api", NOW).allowed
     assert TokenRecord.from_json(used.revoke().to_json()).revoked
+
+
+def test_a_consumed_service_is_signed_again_only_for_its_key() -> None:
+    token, record = make()
+    used = TokenRecord.from_json(record.consume("web", KEY_A).to_json())
+    assert used.key_for("web") == KEY_A and used.key_for("api") is None
+    assert used.consume("web", KEY_A) == used  # a retry changes nothing
+    again = authorize_csr_by_token(used, token.secret, "web-1", "web", NOW, key=KEY_A)
+    assert again.allowed and again.retry, again.reason
+    first = authorize_csr_by_token(used, token.secret, "web-1", "api", NOW, key=KEY_A)
+    assert first.allowed and not first.retry
+    for key in (KEY_B, None):
+        other = authorize_csr_by_token(used, token.secret, "web-1", "web", NOW, key=key)
+        assert not other.allowed and "already used for service 'web' with another key" in (
+            other.reason
+        )
+    # Everything else still applies to a retry: secret, revocation, expiry, host.
+    refusals = [
+        (dataclasses.replace(used, revoked=True), token.secret, "web-1", NOW, "revoked"),
+        (used, token.secret, "web-1", NOW + 3600, "expired"),
+        (used, token.secret, "web-2", NOW, "not for host"),
+        (used, "wrong", "web-1", NOW, "does not match"),
+    ]
+    for rec, secret, host, now, reason in refusals:
+        decision = authorize_csr_by_token(rec, secret, host, "web", now, key=KEY_A)
+        assert not decision.allowed and reason in decision.reason
+
+
+def test_a_record_without_consumed_keys_allows_no_retry() -> None:
+    """Records written before keys were kept name consumed services only."""
+    token, record = make()
+    doc = json.loads(record.consume("web", KEY_A).to_json())
+    del doc["consumed_keys"]
+    old = TokenRecord.from_json(json.dumps(doc).encode())
+    assert old.consumed == {"web"} and old.key_for("web") is None
+    decision = authorize_csr_by_token(old, token.secret, "web-1", "web", NOW, key=KEY_A)
+    assert not decision.allowed and decision.reason.endswith("already used for service 'web'")
+    assert authorize_csr_by_token(old, token.secret, "web-1", "api", NOW, key=KEY_A).allowed
+
+
+@pytest.mark.parametrize(
+    "consumed_keys",
+    [
+        {"api": KEY_A},  # not consumed
+        {"web": "A" * 64},  # not lower-case hex
+        {"web": KEY_A[:-1]},
+        {"web": 5},
+        ["web", KEY_A],
+    ],
+)
+def test_malformed_consumed_keys_make_the_record_invalid(consumed_keys: object) -> None:
+    _, record = make()
+    doc = json.loads(record.consume("web", KEY_A).to_json())
+    doc["consumed_keys"] = consumed_keys
+    with pytest.raises(TokenError, match="consumed"):
+        TokenRecord.from_json(json.dumps(doc).encode())
+
+
+def test_key_fingerprint_is_the_sha256_of_the_public_key_info() -> None:
+    key = pki.generate_key().public_key()
+    der = key.public_bytes(serialization.Encoding.DER,
+                           serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
+    assert key_fingerprint(key) == hashlib.sha256(der).hexdigest()
+    assert key_fingerprint(pki.generate_key().public_key()) != key_fingerprint(key)
 
 
 # -- renewal timing ---------------------------------------------------------------------

@@ -370,8 +370,8 @@ async def test_decision_logs_hold_no_secrets(
     token = await ca.token()
     key, csr = key_and_csr(ca.identity("web"))
     await ca.sign(csr, token=token)
-    with pytest.raises(SignError):
-        await ca.sign(csr, token=token)
+    with pytest.raises(SignError):  # replayed with another key
+        await ca.sign(key_and_csr(ca.identity("web"))[1], token=token)
     with pytest.raises(SignError):
         await ca.sign(csr, token=BootstrapToken(token.token_id, "B" * 43))
     lines = [r.getMessage() for r in caplog.records if r.name == "meshd.server.sign"]
@@ -511,3 +511,65 @@ async def test_leader_survives_losing_its_session(consul_settings, consul_kv_pre
                 await trio.sleep(0.01)
         assert leader.is_leader and leader.statistics().errors == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_retry_with_the_same_key_is_signed_again(ca: Harness) -> None:
+    """The answer to a first issuance can be lost (a timeout, a reset, an agent that
+    restarts before saving it). The agent keeps its key, so its retry with the same token
+    and a new CSR for that key is signed again: a new certificate (another serial) for the
+    same key. Another key with the token stays refused, and does not spoil the retry."""
+    token = await ca.token()
+    key = pki.generate_key()
+    first = leaf_of((await ca.sign(pki.build_csr(key, ca.identity("web")), token=token)).chain_pem)
+    _, before = await ca.consul.kv_get(token_key(token.token_id, ca.prefix))
+    again = leaf_of((await ca.sign(pki.build_csr(key, ca.identity("web")), token=token)).chain_pem)
+    assert again.public_key() == first.public_key() == key.public_key()
+    assert again.serial_number != first.serial_number
+    _, after = await ca.consul.kv_get(token_key(token.token_id, ca.prefix))
+    assert before is not None and after is not None and after.value == before.value
+    with pytest.raises(SignError) as info:
+        await ca.sign(key_and_csr(ca.identity("web"))[1], token=token)
+    assert info.value.status == 403 and "already used for service 'web'" in str(info.value)
+    await ca.sign(pki.build_csr(key, ca.identity("web")), token=token)
+    (record,) = await list_tokens(ca.consul, kv_prefix=ca.prefix)
+    assert record.consumed == {"web"}
+    assert ca.server.api.statistics().allowed == 3
+
+
+async def test_a_retry_is_refused_once_the_token_is_revoked_or_expired(ca: Harness) -> None:
+    key = pki.generate_key()
+    token = await ca.token()
+    await ca.sign(pki.build_csr(key, ca.identity("web")), token=token)
+    await revoke_token(ca.consul, token.token_id, kv_prefix=ca.prefix)
+    with pytest.raises(SignError) as info:
+        await ca.sign(pki.build_csr(key, ca.identity("web")), token=token)
+    assert info.value.status == 403 and "revoked" in str(info.value)
+    short = await ca.token(ttl_s=3.0)
+    await ca.sign(pki.build_csr(key, ca.identity("web")), token=short)
+    await ca.sign(pki.build_csr(key, ca.identity("web")), token=short)  # still in its lifetime
+    (record,) = [r for r in await list_tokens(ca.consul, kv_prefix=ca.prefix)
+                 if r.token_id == short.token_id]  # fmt: skip
+    await trio.sleep(max(0.0, record.expires - time.time()) + 0.1)
+    with pytest.raises(SignError) as info:
+        await ca.sign(pki.build_csr(key, ca.identity("web")), token=short)
+    assert info.value.status == 403 and "expired" in str(info.value)
+
+
+async def test_a_record_consumed_by_an_older_server_gives_no_retry(ca: Harness) -> None:
+    """A record that names a consumed service without the key it was issued to (written
+    before keys were recorded) allows no retry for it; its other services work as before,
+    and retries for them once they are issued."""
+    token = await ca.token(services=("web", "api"))
+    key = token_key(token.token_id, ca.prefix)
+    _, entry = await ca.consul.kv_get(key)
+    assert entry is not None
+    doc = json.loads(entry.value)
+    doc["consumed"] = ["web"]
+    doc.pop("consumed_keys", None)
+    await ca.consul.kv_put(key, json.dumps(doc).encode())
+    web_key, api_key = pki.generate_key(), pki.generate_key()
+    with pytest.raises(SignError) as info:
+        await ca.sign(pki.build_csr(web_key, ca.identity("web")), token=token)
+    assert info.value.status == 403 and "already used" in str(info.value)
+    for _ in range(2):
+        await ca.sign(pki.build_csr(api_key, ca.identity("api")), service="api", token=token)

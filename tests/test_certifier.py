@@ -301,3 +301,44 @@ async def test_a_certificate_signed_while_the_disk_is_full_is_served_and_saved_l
     assert cert is not None and chain.read_bytes() == cert.chain_pem
     (stats,) = certifier.statistics().services
     assert stats.issued == 1 and stats.failures == 0
+
+
+async def test_an_agent_restarted_before_saving_its_first_certificate_gets_one_again(
+    mesh: Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the disk is full when the first certificate arrives, and the agent
+    restarts before it could save it (its key was saved before it asked). The restarted
+    agent asks again with the same token and key, and is signed: its token did not stay
+    spent on an answer the host no longer has."""
+    token_file = await _token_file(mesh, tmp_path)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if ".web.pem." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    first = _certifier(mesh, tmp_path, token_file)
+    with monkeypatch.context() as patch:
+        patch.setattr(keyfile.os, "fsync", fsync)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.serve)
+            await _wait(first, lambda: first.current("web") is not None)
+            nursery.cancel_scope.cancel()  # the restart: the unsaved chain is gone
+    assert not (tmp_path / "state" / "certs" / "web.pem").exists()
+    lost = first.current("web")
+    second = _certifier(mesh, tmp_path, token_file)
+    chain = tmp_path / "state" / "certs" / "web.pem"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.serve)
+        await _wait(second, lambda: second.current("web") is not None)
+        with trio.fail_after(5):
+            while not chain.exists():
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    cert = second.current("web")
+    assert cert is not None and lost is not None and cert.serial != lost.serial
+    leaf = x509.load_pem_x509_certificates(cert.chain_pem)[0]
+    assert leaf.public_key() == x509.load_pem_x509_certificates(lost.chain_pem)[0].public_key()
+    assert chain.read_bytes() == cert.chain_pem
+    assert second.statistics().services[0].failures == 0

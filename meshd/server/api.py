@@ -13,8 +13,12 @@ Order of work for ``POST /v1/sign`` (cheapest refusal first, Consul last):
    caller is known but not entitled;
 4. the CSR is checked and signed by :class:`~meshd.server.ca.SigningAuthority` (403 when it
    asks for more than the identity);
-5. for a token, the service is marked consumed with a check-and-set write; only if that
-   write wins is the certificate handed out, so a replayed or raced token gets nothing.
+5. for a token, the service is marked consumed, with the fingerprint of the key it was
+   issued to, in a check-and-set write; only if that write wins is the certificate handed
+   out, so a replayed or raced token gets nothing. A retry by the same requester (the
+   token, host and service of a consumed service, and a CSR for the key recorded for it)
+   is signed again, through the same write, because the first answer may never have
+   reached the host; a token without that key gets nothing (docs/identity.md).
 
 Every decision is one JSON log line on logger ``meshd.server.sign`` with the client
 address, identity, token *id* and outcome; never the token secret, CSR or key.
@@ -30,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from meshd import pki
 from meshd.bootstrap import (
@@ -37,6 +43,7 @@ from meshd.bootstrap import (
     TokenError,
     TokenRecord,
     authorize_csr_by_token,
+    key_fingerprint,
     parse_token,
     token_key,
 )
@@ -156,7 +163,7 @@ class SigningApi:
         grant = await self._entitle(request, client, sign, identity, facts)
         issued = self._issue(sign, identity)
         if grant.record is not None:
-            await self._consume(grant, sign.service)
+            await self._consume(grant, sign.service, issued)
         return identity, issued
 
     def _identity(self, service: str) -> SpiffeId:
@@ -230,10 +237,12 @@ class SigningApi:
         except TokenError as exc:
             raise ApiError(403, f"token {token.token_id} record is unusable: {exc}") from None
         decision = authorize_csr_by_token(
-            record, token.secret, sign.host, sign.service, self._clock()
+            record, token.secret, sign.host, sign.service, self._clock(), key=_csr_key(sign)
         )
         if not decision.allowed:
             raise ApiError(403 if record.matches(token.secret) else 401, decision.reason)
+        if decision.retry:
+            facts["retry"] = True  # the same key again: its first answer may have been lost
         return _Grant("token", record, entry.modify_index)
 
     def _issue(self, sign: SignRequest, identity: SpiffeId) -> IssuedLeaf:
@@ -244,10 +253,13 @@ class SigningApi:
         except pki.PkiError as exc:
             raise ApiError(400, str(exc)) from None
 
-    async def _consume(self, grant: _Grant, service: str) -> None:
+    async def _consume(self, grant: _Grant, service: str, issued: IssuedLeaf) -> None:
+        # The fingerprint of the key actually certified (the CSR's). On a retry the record
+        # is unchanged, but still written with check-and-set: a revocation that lands
+        # while we sign wins, as it does against a first issuance.
         assert grant.record is not None
         key = token_key(grant.record.token_id, self._kv_prefix)
-        data = grant.record.consume(service).to_json()
+        data = grant.record.consume(service, key_fingerprint(issued.cert.public_key())).to_json()
         try:
             won = await self._consul.kv_put(key, data, cas=grant.entry_index)
         except ConsulError:
@@ -263,6 +275,15 @@ class SigningApi:
         return SigningApiStatistics(
             allowed=self._allowed, denied=denied, by_status=tuple(sorted(self._statuses.items()))
         )
+
+
+def _csr_key(sign: SignRequest) -> str | None:
+    """The fingerprint of the CSR's public key, or None when it cannot be read (then the
+    signing step refuses the CSR with the reason)."""
+    try:
+        return key_fingerprint(x509.load_pem_x509_csr(sign.csr_pem).public_key())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
 
 
 def _log_decision(facts: dict[str, Any], *, allowed: bool, status: int, reason: str,
