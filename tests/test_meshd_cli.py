@@ -250,3 +250,36 @@ def test_meshd_serve_without_a_trust_bundle_says_so_in_one_line(
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("meshd: error: ") and done.stderr.count("\n") == 1, done.stderr
     assert "no trust bundle" in done.stderr and "meshctl ca init" in done.stderr
+
+
+def test_meshd_serve_refuses_a_ca_directory_the_bundle_does_not_trust(
+    consul_agent, consul_kv_prefix, tmp_path: Path
+) -> None:
+    """A CA directory from another `meshctl ca init` (same trust domain: a `--force` whose
+    write to Consul was lost) would start and sign leaves no peer can verify. meshd
+    refuses to start, naming the directory and the bundle, in one line."""
+    published, other = tmp_path / "published", tmp_path / "other"
+    _invoke(ca_cli, consul_agent.env(), "init", "--dir", str(published), "--trust-domain", TD,
+            "--kv-prefix", consul_kv_prefix)  # fmt: skip
+    lost = consul_kv_prefix.rstrip("/") + "-lost/"  # where the second init's bundle went
+    _invoke(ca_cli, consul_agent.env(), "init", "--dir", str(other), "--trust-domain", TD,
+            "--kv-prefix", lost)  # fmt: skip
+    config = tmp_path / "meshd.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{_free_port()}"\nname = "mismatch"\n'
+        f'[ca]\ndir = "{other}"\n'
+        f'[consul]\naddress = "{consul_agent.http_address}"\nkv_prefix = "{consul_kv_prefix}"\n'
+    )
+    cmd = [sys.executable, "-c", "from meshd.server.main import main; main()",
+           "serve", "--config", str(config)]  # fmt: skip
+    done = subprocess.run(cmd, env={**os.environ, **consul_agent.env()}, capture_output=True,
+                          text=True, timeout=30, check=False)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("meshd: error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert str(other) in done.stderr and f"{consul_kv_prefix}ca/bundle" in done.stderr
+    assert "does not chain to a root" in done.stderr
+    # Nothing was published for the server: it never got as far as its leaf lifetime.
+    key = f"{consul_kv_prefix}ca/leaf-ttl/mismatch"
+    leaf_ttl = httpx.get(f"{consul_agent.http_address}/v1/kv/{key}",
+                         headers={"X-Consul-Token": consul_agent.token})  # fmt: skip
+    assert leaf_ttl.status_code == 404

@@ -137,6 +137,15 @@ class SigningAuthority:
         log_event(log, logging.INFO, "signing_ca_loaded", subject=subject)
         return True
 
+    def trusted_by(self, bundle: TrustBundle) -> bool:
+        """Whether the signing CA in use was issued by a root *bundle* trusts."""
+        return trusted_by(self._ca, bundle)
+
+    @property
+    def issuer(self) -> str:
+        """The signing CA's issuer (its root's subject), for error messages."""
+        return self._ca.cert.issuer.rfc4514_string()
+
     @property
     def trust_domain(self) -> str:
         """The trust domain this CA signs for."""

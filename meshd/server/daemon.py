@@ -2,8 +2,10 @@
 
 :func:`serve_meshd` is what ``meshd serve`` runs, and what the tests run in-process. It
 reads the trust bundle from Consul KV (``<kv_prefix>ca/bundle``, published by
-``meshctl ca init``), refuses to start if it disagrees with the signing CA's trust domain,
-signs its own ``meshd`` certificate, and serves until cancelled.
+``meshctl ca init``), refuses to start if the signing CA is for another trust domain or
+does not chain to a root the bundle trusts (it would sign leaves no peer can verify: a CA
+directory from another ``meshctl ca init``), signs its own ``meshd`` certificate, and
+serves until cancelled.
 """
 
 from __future__ import annotations
@@ -181,17 +183,14 @@ async def serve_meshd(
         task_status: started with the running :class:`MeshdServer`.
 
     Raises:
-        StartupError: no or invalid bundle, or a trust-domain mismatch.
+        StartupError: no or invalid bundle, a trust-domain mismatch, or a signing CA that
+            does not chain to a root the bundle trusts.
         ConsulError: Consul unreachable at start.
     """
     prefix = options.kv_prefix.rstrip("/") + "/"
     datacenter = await consul.datacenter()
     watch = await BundleWatch.load(consul, bundle_key(prefix))
-    if watch.current().trust_domain != authority.trust_domain:
-        raise StartupError(
-            f"the trust bundle is for {watch.current().trust_domain} but the signing CA "
-            f"is for {authority.trust_domain}"
-        )
+    _check_bundle_trusts(authority, watch.current(), bundle_key(prefix), options.ca_dir)
     await publish_leaf_ttl(consul, prefix, options.name, authority.leaf_ttl_s)
     tls = ServerTls(authority, datacenter, watch.current, wall_clock=wall_clock)
     api = _signing_api(consul, authority, watch, datacenter, prefix, options, wall_clock)
@@ -228,6 +227,29 @@ async def serve_meshd(
             await nursery.start(serve_registration, consul, registration)
         log_event(log, logging.INFO, "started", port=port, datacenter=datacenter)
         task_status.started(MeshdServer(port, api, tls, leadership, watch, authority, https))
+
+
+def _check_bundle_trusts(
+    authority: SigningAuthority, bundle: TrustBundle, key: str, ca_dir: Path | None
+) -> None:
+    """Refuse a signing CA whose leaves peers holding *bundle* could not verify.
+
+    Raises:
+        StartupError: another trust domain, or no root of the bundle issued the signing CA.
+    """
+    where = f"the signing CA in {ca_dir}" if ca_dir is not None else "the signing CA"
+    if bundle.trust_domain != authority.trust_domain:
+        raise StartupError(
+            f"the trust bundle at Consul KV {key} is for {bundle.trust_domain} but {where} "
+            f"is for {authority.trust_domain}"
+        )
+    if not authority.trusted_by(bundle):
+        roots = ", ".join(f"'{r.subject.rfc4514_string()}'" for r in bundle.trusted_roots())
+        raise StartupError(
+            f"{where} (issued by '{authority.issuer}') does not chain to a root of the trust "
+            f"bundle at Consul KV {key} ({roots}): they come from different 'meshctl ca init' "
+            "runs; install the CA directory the bundle was published from"
+        )
 
 
 def _signing_api(
