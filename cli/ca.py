@@ -17,6 +17,7 @@ import click
 import trio
 from cryptography import x509
 
+from cli.intention import kv_prefix_param
 from meshd import cadir, pki, rotation
 from meshd.config import parse_duration
 from meshd.config.server import MAX_LEAF_TTL
@@ -45,6 +46,7 @@ kv_prefix_option = click.option(
     default="meshd/",
     show_default=True,
     envvar="MESHD_KV_PREFIX",
+    callback=kv_prefix_param,
     help="Consul KV prefix of the mesh's documents.",
 )
 dir_option = click.option(

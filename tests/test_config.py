@@ -37,6 +37,7 @@ from meshd.config import (
     parse_server_config,
     parse_service_config,
 )
+from meshd.consul.model import check_key, kv_folder
 from meshd.errors import MeshdError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
@@ -275,6 +276,31 @@ def test_server_errors(text: str, expected: str) -> None:
     message = error_of(parse_server_config, text)
     assert message.startswith("meshd.toml: ")
     assert expected in message
+
+
+def test_kv_prefix_with_a_dot_or_dot_dot_segment_is_refused_at_load() -> None:
+    """Consul's HTTP router would redirect or misread a key under such a folder, so it
+    used to fail only at run time (a ValueError from the Consul client). Dots inside a
+    segment are fine."""
+    for prefix in ("./x", "x/.", "a/../b", "a/./b/", "..", "../", "meshd/.."):
+        for parse in (parse_server_config, parse_agent_config):
+            message = error_of(parse, f"[consul]\nkv_prefix = '{prefix}'")
+            assert "consul.kv_prefix: expected a KV folder like 'meshd/'" in message, message
+            assert "no empty, '.' or '..' segment" in message and repr(prefix) in message
+    for prefix, folder in ((".meshd", ".meshd/"), ("a/..b/c.", "a/..b/c./"), ("...", ".../")):
+        assert parse_server_config(f"[consul]\nkv_prefix = '{prefix}'").consul.kv_prefix == folder
+
+
+@given(st.text(alphabet="a./_-", max_size=12))
+def test_every_kv_prefix_the_config_accepts_is_a_folder_consul_keys_can_live_under(
+    prefix: str,
+) -> None:
+    try:
+        folder = parse_server_config(f"[consul]\nkv_prefix = '{prefix}'").consul.kv_prefix
+    except ConfigError:
+        return
+    assert kv_folder(prefix) == folder
+    check_key(f"{folder}ca/bundle")
 
 
 CHECK = "[[service.checks]]\n"

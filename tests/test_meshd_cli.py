@@ -283,3 +283,22 @@ def test_meshd_serve_refuses_a_ca_directory_the_bundle_does_not_trust(
     leaf_ttl = httpx.get(f"{consul_agent.http_address}/v1/kv/{key}",
                          headers={"X-Consul-Token": consul_agent.token})  # fmt: skip
     assert leaf_ttl.status_code == 404
+
+
+@pytest.mark.parametrize("prefix", ["a//b", "./x", "meshd/../x"])
+@pytest.mark.parametrize("command", ["init", "roots", "rotate"])
+def test_meshctl_ca_bad_kv_prefix_is_a_one_line_usage_error(
+    consul_agent, tmp_path: Path, command: str, prefix: str
+) -> None:
+    """`meshctl ca` has its own --kv-prefix; a folder no Consul key can live under used to
+    end in a ValueError traceback (after `init` had created the CA directory)."""
+    ca_dir = tmp_path / "ca"
+    args = ("ca", command, "--kv-prefix", prefix)
+    done = _meshctl(
+        consul_agent.env(), *args, *(() if command == "roots" else ("--dir", str(ca_dir)))
+    )
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert f"Invalid value for '--kv-prefix': KV prefix {prefix!r}" in done.stderr, done.stderr
+    assert len([line for line in done.stderr.splitlines() if "rror" in line]) == 1, done.stderr
+    assert not ca_dir.exists()

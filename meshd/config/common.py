@@ -50,9 +50,13 @@ def _consul_address(value: object) -> str:
     return fields.url("http", "https", require_port=False)(value)
 
 
+# A segment is never '.' or '..': Consul's HTTP router would redirect or misread a key
+# under it (meshd.consul.model.check_key refuses such keys at run time).
+_KV_SEGMENT = r"(?!\.\.?(?:/|\Z))[A-Za-z0-9_.-]+"
 _kv_prefix = fields.matching(
-    r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*/?",
-    "a KV folder like 'meshd/' (letters, digits, '_', '.', '-', separated by '/')",
+    rf"{_KV_SEGMENT}(?:/{_KV_SEGMENT})*/?",
+    "a KV folder like 'meshd/' (letters, digits, '_', '.', '-', separated by '/'; no empty,"
+    " '.' or '..' segment)",
 )
 
 
