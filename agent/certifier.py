@@ -216,10 +216,12 @@ class Certifier:
                 cert is None
                 or phase(self._clock(), state.renew_time, cert.not_after) != Phase.FRESH
             )
-            if state.unsaved is not None and not self._save(service):
-                await trio.sleep(self._settings.save_retry_s)
-                continue
-            if not due:
+            if not due and state.unsaved is not None:
+                # Served but not yet on disk: try again, without holding up a renewal.
+                retry = self._clock() + self._settings.save_retry_s
+                await self._sleep_until(min(state.renew_time, retry))
+                self._save(service)
+            elif not due:
                 await self._sleep_until(state.renew_time)
             elif await self._attempt(service):
                 attempt = 0
@@ -273,9 +275,11 @@ class Certifier:
         cert = _certified(service, answer.chain_pem, key_path)
         self._check_answer(answer.chain_pem, key, bundle, service)
         # Signed is signed: a certificate that cannot be saved (a full disk) is served all
-        # the same, and saved when it can be. Thrown away, it could not be had again: a
-        # first issuance spent the bootstrap token.
-        self._states[service].unsaved = answer.chain_pem  # written by _serve_service
+        # the same, and saved when it can be (_serve_service tries again). Thrown away, a
+        # renewal would be lost, and a first one could be had again only while the
+        # bootstrap token lasts (a retry with the same key, docs/identity.md).
+        self._states[service].unsaved = answer.chain_pem
+        self._save(service)
         via = "renewal" if client_cert else "token"
         log_event(log, logging.INFO, "cert_issued", service=service, serial=f"{cert.serial:x}",
                   not_after=cert.not_after, via=via)  # fmt: skip
