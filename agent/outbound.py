@@ -450,6 +450,10 @@ async def _secure(
         deps.sessions.forget(service, key)
         deps.metrics.tls_failures.labels(DIRECTION, "peer_identity").inc()
         reason = f"{endpoint.address}:{endpoint.port}: peer identity rejected: {exc}"
+        # Said even when a retry then serves the caller: an endpoint that presents another
+        # identity is a catalog entry that lies (or an impostor) and wants a look.
+        deps.log.event("upstream_identity_rejected", level="warning", destination=service,
+                       endpoint=f"{endpoint.address}:{endpoint.port}", reason=str(exc))  # fmt: skip
         return _endpoint_failed(deps, service, endpoint, reason)
     deps.balancer.outliers.succeeded(key)
     tls.harvest_ticket = deps.sessions.connected(
