@@ -228,6 +228,22 @@ def test_meshd_serve_process_notifies_systemd_and_answers(
     assert b"BEGIN" not in stderr
 
 
+def _serve_once(
+    consul_agent, tmp_path: Path, name: str, ca_dir: Path, kv_prefix: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``meshd serve`` (a real process) with a minimal meshd.toml until it exits."""
+    config = tmp_path / "meshd.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{_free_port()}"\nname = "{name}"\n'
+        f'[ca]\ndir = "{ca_dir}"\n'
+        f'[consul]\naddress = "{consul_agent.http_address}"\nkv_prefix = "{kv_prefix}"\n'
+    )
+    cmd = [sys.executable, "-c", "from meshd.server.main import main; main()",
+           "serve", "--config", str(config)]  # fmt: skip
+    return subprocess.run(cmd, env={**os.environ, **consul_agent.env()}, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+
+
 def test_meshd_serve_without_a_trust_bundle_says_so_in_one_line(
     consul_agent, consul_kv_prefix, tmp_path: Path
 ) -> None:
@@ -237,16 +253,7 @@ def test_meshd_serve_without_a_trust_bundle_says_so_in_one_line(
     _invoke(ca_cli, consul_agent.env(), "init", "--dir", str(ca_dir), "--trust-domain", TD,
             "--kv-prefix", consul_kv_prefix)  # fmt: skip
     empty_prefix = consul_kv_prefix.rstrip("/") + "-empty/"
-    config = tmp_path / "meshd.toml"
-    config.write_text(
-        f'[server]\nlisten = "127.0.0.1:{_free_port()}"\nname = "nobundle"\n'
-        f'[ca]\ndir = "{ca_dir}"\n'
-        f'[consul]\naddress = "{consul_agent.http_address}"\nkv_prefix = "{empty_prefix}"\n'
-    )
-    cmd = [sys.executable, "-c", "from meshd.server.main import main; main()",
-           "serve", "--config", str(config)]  # fmt: skip
-    done = subprocess.run(cmd, env={**os.environ, **consul_agent.env()}, capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
+    done = _serve_once(consul_agent, tmp_path, "nobundle", ca_dir, empty_prefix)
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("meshd: error: ") and done.stderr.count("\n") == 1, done.stderr
     assert "no trust bundle" in done.stderr and "meshctl ca init" in done.stderr
@@ -264,16 +271,7 @@ def test_meshd_serve_refuses_a_ca_directory_the_bundle_does_not_trust(
     lost = consul_kv_prefix.rstrip("/") + "-lost/"  # where the second init's bundle went
     _invoke(ca_cli, consul_agent.env(), "init", "--dir", str(other), "--trust-domain", TD,
             "--kv-prefix", lost)  # fmt: skip
-    config = tmp_path / "meshd.toml"
-    config.write_text(
-        f'[server]\nlisten = "127.0.0.1:{_free_port()}"\nname = "mismatch"\n'
-        f'[ca]\ndir = "{other}"\n'
-        f'[consul]\naddress = "{consul_agent.http_address}"\nkv_prefix = "{consul_kv_prefix}"\n'
-    )
-    cmd = [sys.executable, "-c", "from meshd.server.main import main; main()",
-           "serve", "--config", str(config)]  # fmt: skip
-    done = subprocess.run(cmd, env={**os.environ, **consul_agent.env()}, capture_output=True,
-                          text=True, timeout=30, check=False)  # fmt: skip
+    done = _serve_once(consul_agent, tmp_path, "mismatch", other, consul_kv_prefix)
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("meshd: error: ") and done.stderr.count("\n") == 1, done.stderr
     assert str(other) in done.stderr and f"{consul_kv_prefix}ca/bundle" in done.stderr

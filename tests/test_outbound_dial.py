@@ -53,6 +53,19 @@ def view_with(web: Proxy, ports: list[int]) -> DataPlaneView:
     return build_view(snapshot)
 
 
+async def dial_many(web: Proxy, view: DataPlaneView, calls: int) -> tuple[int, list[str]]:
+    """*calls* dials of api through web's outbound path, one after another: how many made
+    a connection (each closed at once), and why the others failed."""
+    ctx = web.client_ctx()
+    with trio.fail_after(30):
+        results = [await outbound._dial(web.deps, view, "api", ctx, b"") for _ in range(calls)]
+    failed = [r for r in results if isinstance(r, str)]
+    for conn in results:
+        if not isinstance(conn, str):
+            conn.abort()
+    return len(results) - len(failed), failed
+
+
 def counter(web: Proxy, name: str) -> float:
     return float(getattr(web.deps.metrics, name).labels("api")._value.get())
 
@@ -84,15 +97,10 @@ async def test_retries_still_reach_a_live_endpoint_and_the_dead_ones_are_ejected
     async with running(mesh_ca, tmp_path, per_endpoint=0) as mesh:
         web = mesh.web
         view = view_with(web, [refused_port(), refused_port(), mesh.inbound_port])
-        ctx = web.client_ctx()
-        with trio.fail_after(30):
-            results = [await outbound._dial(web.deps, view, "api", ctx, b"") for _ in range(30)]
-        live = [r for r in results if not isinstance(r, str)]
-        for conn in live:
-            conn.abort()
+        live, failed = await dial_many(web, view, 30)
         # Each dead endpoint fails twice and is ejected; from then on the live one comes
         # first in every order, and no connection needs a retry.
-        assert len(live) == 30, [r for r in results if isinstance(r, str)]
+        assert live == 30, failed
         assert counter(web, "endpoint_ejections") == 2
         assert counter(web, "connect_retries") <= 4
         assert counter(web, "retries_refused") == 0
@@ -113,13 +121,8 @@ async def test_an_endpoint_that_resets_after_accept_is_retried_around_and_ejecte
     async with running(mesh_ca, tmp_path, per_endpoint=0) as mesh, trio.open_nursery() as n:
         web = mesh.web
         view = view_with(web, [await _listen(reset_at_once, n), mesh.inbound_port])
-        ctx = web.client_ctx()
-        with trio.fail_after(30):
-            results = [await outbound._dial(web.deps, view, "api", ctx, b"") for _ in range(10)]
-        live = [r for r in results if not isinstance(r, str)]
-        for conn in live:
-            conn.abort()
-        assert len(live) == 10, [r for r in results if isinstance(r, str)]
+        live, failed = await dial_many(web, view, 10)
+        assert live == 10, failed
         assert counter(web, "endpoint_ejections") == 1
         assert counter(web, "connect_retries") <= 2  # until the resetting one is ejected
         n.cancel_scope.cancel()
