@@ -23,9 +23,10 @@ HOUR = 3600.0
 MIN_LEAF_TTL = HOUR
 MAX_LEAF_TTL = 720 * HOUR
 DEFAULT_LISTEN = HostPort("0.0.0.0", 8555)  # noqa: S104 - a server listens on all addresses
-# The HTTPS server holds at most 256 connections at once (meshd.server.http.MAX_CONNECTIONS);
-# a cap per source above that would cap nothing.
+#: The most connections the CA's HTTPS server holds at once (meshd.server.http), and the
+#: default of how many one source may hold; a cap per source above the first caps nothing.
 MAX_CONNECTIONS = 256
+MAX_CONNECTIONS_PER_SOURCE = 32
 
 _server_name = fields.matching(
     r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?",
@@ -49,7 +50,7 @@ class ServerSection:
     listen: HostPort = DEFAULT_LISTEN
     advertise_address: str = ""
     name: str = field(default_factory=socket.gethostname)
-    max_connections_per_source: int = 32
+    max_connections_per_source: int = MAX_CONNECTIONS_PER_SOURCE
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import trio
 
+from meshd.config.server import MAX_CONNECTIONS_PER_SOURCE
 from meshd.consul.client import ConsulClient
 from meshd.consul.errors import ConsulError
 from meshd.errors import MeshdError
@@ -50,7 +51,7 @@ class ServeOptions:
     advertise_address: str = ""
     kv_prefix: str = "meshd/"
     csr_rate_per_minute: int = 60
-    max_connections_per_source: int = 32  # HTTPS connections one client host may hold
+    max_connections_per_source: int = MAX_CONNECTIONS_PER_SOURCE  # HTTPS, per client host
     register: bool = True
     leader_lock_delay_s: int = 15
     ca_dir: Path | None = None  # re-read during root rotation; None: never reloaded

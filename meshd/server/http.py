@@ -27,14 +27,13 @@ import h11
 import trio
 
 from meshd.admission import source_of
+from meshd.config.server import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE
 from meshd.peer import peer_chain_der
 from meshd.signapi import MAX_BODY_BYTES, error_body
 
 MAX_HEADER_BYTES = 16 * 1024
 HANDSHAKE_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 10.0
-MAX_CONNECTIONS = 256
-MAX_CONNECTIONS_PER_SOURCE = 32  # the default of [server] max_connections_per_source
 _RECEIVE_BYTES = 16 * 1024
 log = logging.getLogger("meshd.server.http")
 
