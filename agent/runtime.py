@@ -290,7 +290,7 @@ async def _serve_policy_enforcement(
     version: int | None = None
     # Said once each, when they appear: snapshots follow every endpoint change, and the
     # same invalid document on each would flood the log.
-    reported: frozenset[tuple[str, str]] = frozenset()
+    reported: frozenset[tuple[str, str, str]] = frozenset()  # (event, destination, reason)
     while True:
         snapshot = await pipeline.holder.wait_newer(version)
         version = snapshot.version
@@ -300,17 +300,13 @@ async def _serve_policy_enforcement(
         metrics.config_errors.labels("intentions").set(len(view.policy.invalid))
         metrics.config_errors.labels("mesh").set(0 if view.mesh_error is None else 1)
         metrics.config_errors.labels("bundle").set(0 if view.bundle is not None else 1)
-        problems = frozenset(
-            [(f"intentions:{i.destination}", i.reason) for i in view.policy.invalid]
-            + ([("mesh", view.mesh_error)] if view.mesh_error is not None else [])
-        )
-        for what, reason in sorted(problems - reported):
-            if what == "mesh":
-                log.event("invalid_mesh_config", level="error", reason=reason)
-            else:
-                log.event("invalid_intentions", level="error",
-                          destination=what.removeprefix("intentions:"), reason=reason)  # fmt: skip
-        reported = problems
+        problems = {("invalid_intentions", i.destination, i.reason) for i in view.policy.invalid}
+        if view.mesh_error is not None:
+            problems.add(("invalid_mesh_config", "", view.mesh_error))
+        for event, destination, reason in sorted(problems - reported):
+            where = {"destination": destination} if destination else {}
+            log.event(event, level="error", reason=reason, **where)
+        reported = frozenset(problems)
         if close_denied and len(conns):
             closed = conns.close_denied(view)
             if closed:

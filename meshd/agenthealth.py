@@ -40,7 +40,7 @@ _INVALID = {
     " every caller",
     "mesh": "the mesh config it holds is invalid: the strictest settings are in force"
     " (default deny, strict mTLS)",
-    "bundle": "it holds no valid trust bundle: it can verify no peer, so mesh connections" " fail",
+    "bundle": "it holds no valid trust bundle, so it can verify no peer: mesh calls fail",
 }
 
 
