@@ -18,10 +18,10 @@ import trio
 
 from cli.intention import format_option, prefix_option
 from cli.scrape import http_client, metrics_target, scrape
-from cli.status import read_mesh
+from cli.status import Catalog, read_mesh
 from meshd.agenthealth import agent_checks
 from meshd.checks import Check, exit_status, render_checks
-from meshd.consul import ConsulSettings, ServiceInstance, open_consul
+from meshd.consul import ConsulSettings, open_consul
 from meshd.meshstatus import MeshStatus
 from meshd.registry import AGENT_SERVICE, META_PROXY_PORT
 
@@ -61,7 +61,7 @@ async def _checks(prefix: str) -> list[Check]:
     return checks
 
 
-def _meshed_by_node(catalog: dict[str, tuple[ServiceInstance, ...]]) -> dict[str, set[str]]:
+def _meshed_by_node(catalog: Catalog) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for name, instances in catalog.items():
         for instance in instances:

@@ -132,9 +132,7 @@ async def _read_status(prefix: str) -> MeshStatus:
     return found
 
 
-async def read_mesh(
-    consul: ConsulClient, prefix: str
-) -> tuple[MeshStatus, dict[str, tuple[ServiceInstance, ...]]]:
+async def read_mesh(consul: ConsulClient, prefix: str) -> tuple[MeshStatus, Catalog]:
     """What ``meshctl status`` shows, and the catalog it was made from (every service with
     all of its instances)."""
     datacenter = await consul.datacenter()

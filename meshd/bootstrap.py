@@ -112,6 +112,16 @@ def _digest(salt: bytes, secret: str) -> bytes:
     return hashlib.sha256(salt + secret.encode("ascii")).digest()
 
 
+def _reserved(services: frozenset[str]) -> str | None:
+    """Why *services* may not be in a token (one is reserved), or None."""
+    if reserved := sorted(services & RESERVED_SERVICES):
+        return (
+            f"service {reserved[0]!r} is reserved for the control plane: agents trust it as"
+            " the CA, and meshd servers sign their own certificate"
+        )
+    return None
+
+
 def key_fingerprint(public_key: CertificatePublicKeyTypes) -> str:
     """The SHA-256 of a public key's DER SubjectPublicKeyInfo, lower-case hex.
 
@@ -159,11 +169,8 @@ class TokenRecord:
             raise TokenError(f"token {self.token_id}: names no service")
         for service in self.services | self.consumed:
             check_label(service, "service")
-        if reserved := sorted(self.services & RESERVED_SERVICES):
-            raise TokenError(
-                f"token {self.token_id}: service {reserved[0]!r} is reserved for the control"
-                " plane (agents trust it as the CA; meshd servers sign their own certificate)"
-            )
+        if why := _reserved(self.services):
+            raise TokenError(f"token {self.token_id}: {why}")
         if not self.consumed <= self.services:
             raise TokenError(f"token {self.token_id}: consumed services outside its scope")
         self._check_consumed_keys()
@@ -293,11 +300,8 @@ def new_token(
     """
     check_ttl(ttl_s)
     services = frozenset(services)
-    if reserved := sorted(services & RESERVED_SERVICES):
-        raise TokenError(
-            f"service {reserved[0]!r} is reserved for the control plane: agents trust it as"
-            " the CA, and meshd servers sign their own certificate"
-        )
+    if why := _reserved(services):
+        raise TokenError(why)  # before a token id exists to name
     token = BootstrapToken(
         token_id=secrets.token_hex(ID_BYTES), secret=secrets.token_urlsafe(SECRET_BYTES)
     )
