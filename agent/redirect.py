@@ -11,13 +11,13 @@ of :mod:`agent.redirect_probe`.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
 
+from agent.childenv import child_environment
 from agent.redirect_probe import ProbeResult, probe
 from meshd.errors import MeshdError
 from meshd.redirect import (
@@ -55,13 +55,6 @@ class Change:
     family: Family
     payload: str
     applied: bool
-
-
-def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Our environment minus ``CONSUL_*``: the iptables tools need none of it, and an ACL
-    token given as ``CONSUL_HTTP_TOKEN`` must never reach a child process."""
-    env = os.environ if environ is None else environ
-    return {k: v for k, v in env.items() if not k.upper().startswith("CONSUL_")}
 
 
 def _run(argv: list[str], stdin: str | None = None) -> str:

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import trio
 
 from agent.accesslog import JsonLog
+from agent.childenv import child_environment
 from agent.epollpump import open_pump
 from agent.holder import SnapshotHolder
 from agent.inbound import OpenConnections, handle_inbound
@@ -77,9 +78,6 @@ KILL_GRACE_S = 5.0  # after drain_timeout, before a worker that did not exit is 
 REPORT_TIMEOUT_S = 10.0  # a worker silent this long is stuck: it is killed and restarted
 # Sample names whose values only grow: a worker's last ones outlive it in the totals.
 _CUMULATIVE = ("_total", "_bucket", "_count", "_sum")
-# The agent's systemd environment is not the worker's: it must not notify or take sockets.
-_NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
-                  "LISTEN_PID", "LISTEN_FDNAMES")  # fmt: skip
 
 
 # ================================================================ the worker process
@@ -410,13 +408,12 @@ class WorkerPool:
     async def _run_once(self, status: WorkerStatus) -> str:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [theirs.fileno(), *(s.fileno() for _, s in self._listeners)]
-        env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
         try:
             process = await trio.lowlevel.open_process(
                 [*self._argv, "--link-fd", str(theirs.fileno())],
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env=child_environment(),
             )
         except OSError as exc:
             ours.close()

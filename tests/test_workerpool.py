@@ -11,8 +11,10 @@ import json
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
+import pytest
 import trio
 
 from agent.accesslog import JsonLog
@@ -154,3 +156,30 @@ async def test_renewals_while_the_link_is_busy_all_reach_the_worker(tmp_path: Pa
             await pool.wait_stopped()  # this worker ignores 'drain': it is killed
             nursery.cancel_scope.cancel()
     assert json.loads(record.read_text().splitlines()[-1]) == {"a": 2, "b": 2}
+
+
+async def test_workers_get_neither_consuls_variables_nor_systemds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Consul ACL token given to the agent as CONSUL_HTTP_TOKEN reached every worker
+    process's environment. The worker here is the real one (``python -m agent.worker``)."""
+    token = str(uuid.uuid4())
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", token)
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    pool = WorkerPool(
+        count=1, proxy=ProxyConfig(), kv_prefix="meshd/", snapshots=SnapshotHolder(snapshot(1, 10)),
+        certifier=certifier(tmp_path, []), services=[], on_unknown=lambda a, p: None,
+        log=JsonLog(level="error"),
+    )  # fmt: skip
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.serve, [])
+            while pool.status[0].pid is None:
+                await trio.sleep(0.05)
+            environ = Path(f"/proc/{pool.status[0].pid}/environ").read_bytes().split(b"\0")
+            pool.begin_drain(0.1)
+            await pool.wait_stopped()
+            nursery.cancel_scope.cancel()
+    assert any(v.startswith(b"PATH=") for v in environ), environ  # the worker's real one
+    assert not [v for v in environ if v.startswith((b"CONSUL_", b"NOTIFY_SOCKET="))]
+    assert token.encode() not in b"\0".join(environ)
