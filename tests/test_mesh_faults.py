@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.runtime import DEREGISTER_TIMEOUT_S
 from meshlab.devconsul import pid_alive
 from meshlab.mesh import (
     APP_PYTHON,
@@ -638,6 +639,32 @@ def test_consul_stopped_under_steady_traffic_fails_no_connection(
     for host in (web, api):
         mesh.lab.wait_http(host, leader=True)
     mesh.wait_passing("api", 1, timeout_s=30)
+    mesh.wait_passing("web", 1, timeout_s=30)
+
+
+def test_agent_stopped_while_its_consul_hangs_still_stops_in_bounded_time(mesh: Mesh) -> None:
+    """systemd gives the unit TimeoutStopSec=45; with the local Consul frozen (connects are
+    accepted, nothing is answered) each deregistration would wait out its 10 s request
+    deadline. The agent gives deregistration DEREGISTER_TIMEOUT_S in all, says so, drains
+    and exits 0; the next agent re-registers once Consul is back."""
+    web = mesh.lab.hosts["web"]
+    (consul,) = [p for p in web.processes if p.name == "consul" and p.alive()]
+    agent = mesh.hosts["web"].agent
+    assert agent is not None
+    os.kill(consul.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        status = agent.stop(signal.SIGTERM, grace_s=40)
+        took = time.monotonic() - started
+    finally:
+        os.kill(consul.pid, signal.SIGCONT)
+    assert status == 0, agent.log()[-3000:]
+    timed_out = mesh.events("web", "deregistration_timed_out")
+    assert [e["seconds"] for e in timed_out] == [DEREGISTER_TIMEOUT_S], agent.log()[-3000:]
+    # The bound, then the 2 s of propagation, then a drain with nothing open.
+    assert DEREGISTER_TIMEOUT_S <= took < DEREGISTER_TIMEOUT_S + 6, took
+    mesh.lab.wait_http(web)
+    mesh.start_agent("web")
     mesh.wait_passing("web", 1, timeout_s=30)
 
 

@@ -116,6 +116,23 @@ def modify_index(mesh: Mesh, key: str) -> int:
     return int(entry["ModifyIndex"])
 
 
+def snapshot_version(mesh: Mesh, host: str) -> int:
+    """The version of the snapshot *host*'s agent serves from."""
+    return int(json.loads(mesh.wait_admin(host, "/snapshot"))["version"])
+
+
+def wait_until(what: str, cond: Any, timeout_s: float = 15.0) -> None:
+    """Poll *cond* every 0.1 s until it is true; fail naming *what* after *timeout_s*."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / 0.1) + 1):
+        if cond():
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
 def call_ok(mesh: Mesh, host: str, address: str, port: int) -> bool:
     res = mesh.call(host, address, port, PAYLOAD, timeout_s=2.0)
     return res.returncode == 0 and PAYLOAD.decode() in res.stdout
@@ -326,6 +343,22 @@ def test_malformed_document_denies_its_destination_only(baseline: Mesh) -> None:
     assert any(e["destination"] == "api" for e in mesh.events("api", "invalid_intentions"))
     metrics = mesh.wait_admin("api", "/metrics")
     assert 'meshd_config_errors{kind="intentions"} 1.0' in metrics
+
+    # Once per document and reason, not once per snapshot: two more snapshots with the same
+    # invalid document say nothing new; a different invalid text is said again.
+    def said() -> list[str]:
+        return [e["reason"] for e in mesh.events("api", "invalid_intentions")]
+
+    assert len(said()) == 1, said()
+    for n in (1, 2):
+        before = snapshot_version(mesh, "api")
+        sources = (SourceIntention("api", Action.ALLOW), SourceIntention(f"x{n}", Action.DENY))
+        kv(mesh, "PUT", "meshd/intentions/db", render_document(IntentionsDocument("db", sources)))
+        wait_until(f"snapshot {n}", lambda b=before: snapshot_version(mesh, "api") > b)
+    assert len(said()) == 1, said()
+    kv(mesh, "PUT", "meshd/intentions/api", b"[not json")
+    wait_until("the new reason", lambda: len(said()) == 2)
+    assert said()[0] != said()[1]
 
 
 def _restart_agent(mesh: Mesh, host: str, *, close_denied: bool = True, workers: int = 1) -> None:
