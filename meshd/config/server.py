@@ -61,7 +61,8 @@ class CAConfig:
         dir: where the CA keeps its keys (0700) and state.
         leaf_ttl: the lifetime of issued leaf certificates.
         max_leaf_ttl: the most any request may obtain; longer requests are clamped.
-        csr_rate_per_minute: signing requests accepted per minute, across all callers.
+        csr_rate_per_minute: signing requests accepted per minute from one client address
+            (one token bucket per address, burst at most 10).
     """
 
     dir: Path = Path("/var/lib/meshd/ca")
