@@ -91,6 +91,7 @@ def _rule(
     in_if: str = "",
     out_if: str = "",
     tcp: bool = False,
+    not_local: bool = False,
     uid: int | None = None,
     dport: int | None = None,
     new_only: bool = False,
@@ -108,6 +109,8 @@ def _rule(
         tokens += ["-o", out_if]
     if tcp or dport is not None:
         tokens += ["-p", "tcp"]
+    if not_local:
+        tokens += ["-m", "addrtype", "!", "--dst-type", "LOCAL"]
     if uid is not None:
         tokens += ["-m", "owner", "--uid-owner", str(uid)]
     if dport is not None:
@@ -151,6 +154,9 @@ def _inbound_rules(spec: RedirectSpec) -> list[Rule]:
     # Loopback never reaches nat PREROUTING; in filter INPUT (refuse mode) it would, and
     # local clients of local services are not meshed traffic.
     rules = [_rule(INBOUND, ("RETURN",), in_if="lo")]
+    # PREROUTING also sees traffic this host only forwards (containers, VMs, VPN clients
+    # calling other machines): a meshed port of ours is not theirs to lose.
+    rules.append(_rule(INBOUND, ("RETURN",), not_local=True))
     rules += [_rule(INBOUND, ("RETURN",), dport=p) for p in spec.inbound_excludes]
     rules += [_rule(INBOUND, (REDIRECT_IN,), dport=p) for p in spec.capture_ports]
     return rules

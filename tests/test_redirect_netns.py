@@ -32,6 +32,8 @@ pytestmark = pytest.mark.netns
 
 HOST = f"meshd-t-rhost-{os.getpid()}"
 PEER = f"meshd-t-rpeer-{os.getpid()}"
+# A container or VM on host, routed through it (198.19.0.2, 2001:db9::2).
+GUEST = f"meshd-t-rguest-{os.getpid()}"
 # The redirect group run the way meshd-agent runs it, without importing the rest of the agent
 # (keeps 20 restarts quick); one test goes through the real console script.
 AGENT = sys.executable
@@ -97,7 +99,7 @@ def _ip(*argv: str) -> None:
 
 
 def _delete_namespaces() -> None:
-    for ns in (HOST, PEER):
+    for ns in (HOST, PEER, GUEST):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
 
 
@@ -118,6 +120,23 @@ def hosts() -> Iterator[None]:
         _delete_namespaces()
     root = subprocess.run(["iptables-save"], capture_output=True, text=True, check=False)
     assert "MESHD" not in root.stdout, "meshd rules leaked into the root namespace"
+
+
+@pytest.fixture
+def routed_guest(hosts: None) -> None:
+    """GUEST behind host on a second veth; host forwards between GUEST and peer."""
+    run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+    _ip("netns", "add", GUEST)
+    _ip("-n", GUEST, "link", "set", "lo", "up")
+    _ip("-n", HOST, "link", "add", "vc", "type", "veth", "peer", "name", "vd", "netns", GUEST)
+    for ns, dev, n in ((HOST, "vc", 1), (GUEST, "vd", 2)):
+        _ip("-n", ns, "addr", "add", f"198.19.0.{n}/24", "dev", dev)
+        _ip("-n", ns, "addr", "add", f"2001:db9::{n}/64", "dev", dev, "nodad")
+        _ip("-n", ns, "link", "set", dev, "up")
+    _ip("-n", GUEST, "route", "add", "198.18.0.0/24", "via", "198.19.0.1")
+    _ip("-n", GUEST, "-6", "route", "add", "2001:db8::/64", "via", "2001:db9::1")
+    _ip("-n", PEER, "route", "add", "198.19.0.0/24", "via", "198.18.0.1")
+    _ip("-n", PEER, "-6", "route", "add", "2001:db9::/64", "via", "2001:db8::1")
 
 
 @contextlib.contextmanager
@@ -165,11 +184,12 @@ async def _answer(sock: trio.socket.SocketType, label: str) -> None:
         await conn.send(f"{label} {host} {port}".encode())
 
 
-async def ask(ns: str, host: str, port: int, uid: int | None = None) -> str:
+async def ask(ns: str, host: str, port: int, uid: int | None = None, timeout: int = 2) -> str:
     """Connect from *ns* (as *uid*, via setpriv, when given) and return the answer."""
     client = (
         "import socket,sys\nh,p=sys.argv[1],int(sys.argv[2])\n"
-        "s=socket.socket(socket.AF_INET6 if ':' in h else socket.AF_INET)\ns.settimeout(2)\n"
+        "s=socket.socket(socket.AF_INET6 if ':' in h else socket.AF_INET)\n"
+        f"s.settimeout({timeout})\n"
         "try:\n s.connect((h,p));print(s.recv(200).decode())\n"
         "except OSError as e:\n print('error',type(e).__name__)\n"
     )
@@ -222,6 +242,24 @@ async def test_live_redirect_v4_v6_and_exclusions(hosts: None) -> None:
             assert await ask(PEER, addr, 22) == f"real {addr} 22"
             # the proxy dialling a meshed port of its own host meets the inbound proxy
             assert await ask(HOST, addr, 8080, uid=PROXY_UID) == f"inbound {addr} 8080"
+        nursery.cancel_scope.cancel()
+
+
+async def test_traffic_the_host_only_routes_is_never_captured(routed_guest: None) -> None:
+    """A container on host calling another machine on a port host meshes reaches that
+    machine: PREROUTING sees routed traffic too, and capturing it would hand the
+    container's call to host's inbound proxy (and so to host's own service)."""
+    run(AGENT, "redirect", "apply", *SPEC)
+    async with trio.open_nursery() as nursery:
+        for host in ("0.0.0.0", "::"):
+            nursery.start_soon(serve, await listener(HOST, host, 15006), "inbound")
+            nursery.start_soon(serve, await listener(PEER, host, 8080), "real")
+        # (The first hop through a fresh router can lose a SYN to neighbour discovery:
+        # the retransmission comes a second later.)
+        for addr in ("198.18.0.2", "2001:db8::2"):
+            assert await ask(GUEST, addr, 8080, timeout=8) == f"real {addr} 8080"
+        for addr in ("198.19.0.1", "2001:db9::1", "198.18.0.1"):  # host itself: captured
+            assert await ask(GUEST, addr, 8080, timeout=8) == f"inbound {addr} 8080"
         nursery.cancel_scope.cancel()
 
 

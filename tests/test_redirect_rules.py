@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -104,6 +105,27 @@ class Conn:
     uid: int | None = None  # None: arriving from the network
     in_if: str = ""
     out_if: str = ""
+    local: bool = True  # addressed to this host (False: only routed through it)
+
+
+def _local(value: str, conn: Conn) -> bool:
+    assert value == "LOCAL", value
+    return conn.local
+
+
+# What each match option tests of the connection (the value is the option's argument).
+_MATCH: dict[str, Callable[[str, Conn], bool]] = {
+    "-d": lambda v, c: ipaddress.ip_address(c.dst) in ipaddress.ip_network(v),
+    "-i": lambda v, c: c.in_if == v,
+    "-o": lambda v, c: c.out_if == v,
+    "-p": lambda v, c: v == "tcp",
+    "--uid-owner": lambda v, c: c.uid == int(v),
+    "--dport": lambda v, c: c.dport == int(v),
+    "--dst-type": _local,
+    "--ctstate": lambda v, c: "NEW" in v.split(","),
+    "-m": lambda v, c: True,
+    "--comment": lambda v, c: True,
+}
 
 
 def _matches(tokens: tuple[str, ...], conn: Conn) -> tuple[bool, tuple[str, ...]]:
@@ -115,26 +137,8 @@ def _matches(tokens: tuple[str, ...], conn: Conn) -> tuple[bool, tuple[str, ...]
             continue
         if tok == "-j":
             return ok, tokens[i + 1 :]
-        value = tokens[i + 1]
-        if tok == "-d":
-            hit = ipaddress.ip_address(conn.dst) in ipaddress.ip_network(value)
-        elif tok == "-i":
-            hit = conn.in_if == value
-        elif tok == "-o":
-            hit = conn.out_if == value
-        elif tok == "-p":
-            hit = value == "tcp"
-        elif tok == "--uid-owner":
-            hit = conn.uid == int(value)
-        elif tok == "--dport":
-            hit = conn.dport == int(value)
-        elif tok == "--ctstate":
-            hit = "NEW" in value.split(",")
-        elif tok in ("-m", "--comment"):
-            hit = True
-        else:
-            raise AssertionError(f"interpreter does not know {tok!r}")
-        ok = ok and (hit != negate)
+        assert tok in _MATCH, f"interpreter does not know {tok!r}"
+        ok = ok and (_MATCH[tok](tokens[i + 1], conn) != negate)
         negate, i = False, i + 2
     raise AssertionError(f"rule without target: {tokens}")
 
@@ -256,15 +260,28 @@ def test_outbound_never_redirects_excluded_traffic(
 
 
 @settings(max_examples=300, deadline=None)
-@given(spec=specs(), dst=ADDRS, dport=PORTS, in_if=st.sampled_from(["lo", "eth0"]))
+@given(
+    spec=specs(),
+    dst=ADDRS,
+    dport=PORTS,
+    in_if=st.sampled_from(["lo", "eth0", "docker0"]),
+    local=st.booleans(),
+)
 def test_inbound_captures_exactly_the_meshed_ports(
-    spec: RedirectSpec, dst: str, dport: int, in_if: str
+    spec: RedirectSpec, dst: str, dport: int, in_if: str, local: bool
 ) -> None:
+    """Only connections to this host: one it routes (a container calling another machine
+    on a port meshed here) passes untouched."""
     family = ipaddress.ip_address(dst).version
     save = restore_noflush("", render_rules(spec, family))  # type: ignore[arg-type]
     table, hook, _ = _where(spec, family)
-    verdict = evaluate(save, table, hook, Conn(dst, dport, in_if=in_if))
-    if in_if == "lo" or dport not in spec.capture_ports or dport in spec.inbound_excludes:
+    verdict = evaluate(save, table, hook, Conn(dst, dport, in_if=in_if, local=local))
+    if (
+        in_if == "lo"
+        or not local
+        or dport not in spec.capture_ports
+        or dport in spec.inbound_excludes
+    ):
         assert verdict is None
     elif table == "filter":
         assert verdict == ("REJECT", "--reject-with", "tcp-reset")
