@@ -107,6 +107,34 @@ def test_what_the_agent_reads_or_writes_belongs_to_the_unit_user() -> None:
     assert re.search(r"^StateDirectory=meshd$", unit, re.MULTILINE)
 
 
+def unit_section(name: str, section: str) -> dict[str, list[str]]:
+    """Every key of *section* of the shipped unit *name*, with all its values in order."""
+    found: dict[str, list[str]] = {}
+    current = ""
+    for raw in (REPO / "systemd" / name).read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+        elif current == section and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def test_restarting_the_agent_keeps_its_sockets_open() -> None:
+    """``systemctl restart meshd-agent`` (the role's handler) must leave the socket unit
+    running: PartOf= or BindsTo= on the socket would restart it with the service, closing
+    the listening sockets and resetting every connection queued while the old agent drained
+    (the point of socket activation). Stopping the socket still stops the service
+    (Requires=)."""
+    socket_unit = unit_section("meshd-agent.socket", "Unit")
+    assert not {"PartOf", "BindsTo"} & socket_unit.keys(), socket_unit
+    service_unit = unit_section("meshd-agent.service", "Unit")
+    assert service_unit["Requires"] == ["meshd-agent.socket"]
+    (handler,) = yaml.safe_load((ROLES / "meshd_agent" / "handlers" / "main.yml").read_text())
+    assert handler["ansible.builtin.systemd"]["name"] == "meshd-agent.service"
+
+
 def test_the_server_role_renders_configuration_the_server_accepts() -> None:
     variables = defaults("meshd_server")
     text = render("meshd_server", "meshd.toml.j2", inventory_hostname_short="meshd-1", **variables)
