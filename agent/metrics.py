@@ -113,6 +113,17 @@ class AgentMetrics:
             " tool and put them back.",
             registry=r,
         )
+        self.redirect_check_failures = Counter(
+            "meshd_redirect_check_failures",
+            "Checks of the redirect rules that could not read them or put them back.",
+            registry=r,
+        )
+        self.redirect_check_failing = Gauge(
+            "meshd_redirect_check_failing",
+            "1 while the last check of the redirect rules failed (they may be missing:"
+            " traffic then bypasses the mesh), 0 otherwise.",
+            registry=r,
+        )
         self.snapshot_version = Gauge(
             "meshd_snapshot_version", "Version of the snapshot in use.", registry=r
         )

@@ -58,10 +58,12 @@ class Change:
 
 
 def _run(argv: list[str], stdin: str | None = None) -> str:
+    # Other tools' rules may carry any bytes (a comment in Latin-1): they pass through as
+    # surrogates, and go back to iptables-restore unchanged if a payload ever quotes them.
     try:
         proc = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False,
-            env=child_environment(),
+            argv, input=stdin, capture_output=True, encoding="utf-8", errors="surrogateescape",
+            timeout=_TIMEOUT, check=False, env=child_environment(),
         )  # fmt: skip
     except FileNotFoundError as exc:
         raise RedirectError(f"{argv[0]} not found: install iptables") from exc
@@ -70,7 +72,8 @@ def _run(argv: list[str], stdin: str | None = None) -> str:
     except OSError as exc:  # e.g. out of file descriptors or processes: a pipe, a fork
         raise RedirectError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
     if proc.returncode != 0:
-        why = " ".join(proc.stderr.split()) or "no message"
+        stderr = proc.stderr.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        why = " ".join(stderr.split()) or "no message"
         raise RedirectError(f"{' '.join(argv)} failed (exit {proc.returncode}): {why}")
     return proc.stdout
 
@@ -205,14 +208,14 @@ async def keep_applied(
     spec: RedirectSpec,
     *,
     interval: float,
-    on_repaired: Callable[[tuple[str, ...]], None],
+    on_checked: Callable[[tuple[str, ...]], None],
     on_failed: Callable[[str], None],
 ) -> None:
     """Every *interval* seconds, :func:`repair` the rules in a worker thread; forever.
 
-    *on_repaired* gets the problems that were found and fixed (never called while the
-    rules are intact); *on_failed* the error when reading or re-applying failed (the next
-    round tries again).
+    *on_checked* gets the problems that were found and fixed after each check that
+    succeeded (empty while the rules are intact); *on_failed* the error when reading or
+    re-applying failed (the next round tries again).
     """
     while True:
         await trio.sleep(interval)
@@ -221,8 +224,7 @@ async def keep_applied(
         except (MeshdError, OSError) as exc:  # also iptables-save output it cannot read
             on_failed(str(exc))
             continue
-        if problems:
-            on_repaired(problems)
+        on_checked(problems)
 
 
 @dataclass(frozen=True)

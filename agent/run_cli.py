@@ -71,15 +71,17 @@ def run_cmd(config_path: Path) -> None:
                 nursery.start_soon(keep_rules, spec, config.redirect.check_interval, handle)
 
     def keep_rules(spec: RedirectSpec, interval: float, handle: AgentHandle) -> Awaitable[None]:
-        def repaired(problems: tuple[str, ...]) -> None:
-            handle.metrics.redirect_repairs.inc()
-            log.event("redirect_repaired", level="warning", problems=list(problems))
+        def checked(problems: tuple[str, ...]) -> None:
+            handle.metrics.redirect_check_failing.set(0)
+            if problems:
+                handle.metrics.redirect_repairs.inc()
+                log.event("redirect_repaired", level="warning", problems=list(problems))
 
         def failed(error: str) -> None:
+            handle.metrics.redirect_check_failures.inc()
+            handle.metrics.redirect_check_failing.set(1)
             log.event("redirect_check_failed", level="error", error=error)
 
-        return redirect.keep_applied(
-            spec, interval=interval, on_repaired=repaired, on_failed=failed
-        )
+        return redirect.keep_applied(spec, interval=interval, on_checked=checked, on_failed=failed)
 
     trio.run(main)

@@ -30,6 +30,7 @@ CONFIG_ERRORS = "meshd_config_errors"
 WATCHES = "meshd_consul_watches"
 WATCHES_FAILING = "meshd_consul_watches_failing"
 REDIRECT_REPAIRS = "meshd_redirect_repairs_total"
+REDIRECT_CHECK_FAILING = "meshd_redirect_check_failing"
 
 #: A renewal this late is reported (one attempt takes seconds; retries back off to minutes).
 RENEWAL_GRACE_S = 600.0
@@ -96,6 +97,9 @@ def agent_checks(
         of = f" of {int(total)}" if total else ""
         warn(f"{int(failing)}{of} Consul watch(es) failing: it routes and authorizes on the"
              " last data it read")  # fmt: skip
+    if _value(samples, REDIRECT_CHECK_FAILING):
+        fail("its last check of the redirect rules failed (redirect_check_failed in its log):"
+             " if they are gone, this host's traffic bypasses the mesh")  # fmt: skip
     repairs = _value(samples, REDIRECT_REPAIRS)
     if repairs:
         warn(f"its redirect rules were flushed or edited by another tool {int(repairs)}"

@@ -25,6 +25,7 @@ def page(
     certs: dict[str, tuple[float, float]] | None = None,  # service: (not_after, renewal)
     watches: WatchTotals | None = HEALTHY_WATCHES,
     repairs: int = 0,
+    redirect_check_failing: bool = False,
 ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     metrics = AgentMetrics()
     if version:
@@ -35,6 +36,9 @@ def page(
         metrics.watch_consul(lambda: watches)
     if repairs:
         metrics.redirect_repairs.inc(repairs)
+    if redirect_check_failing:
+        metrics.redirect_check_failures.inc()
+        metrics.redirect_check_failing.set(1)
     text = generate_latest(metrics.registry).decode()
     for service, (not_after, renewal) in (
         certs or {"web": (NOW + 20 * HOUR, NOW + 4 * HOUR)}
@@ -104,6 +108,14 @@ def test_failing_consul_watches_and_repaired_rules_warn_without_failing() -> Non
     # Errors alone (a watch that failed once and recovered) are not a finding.
     (ok,) = judge(page(watches=WatchTotals(errors=9, watches=5, failing=0)))
     assert ok.status == "ok"
+
+
+def test_rules_the_agent_could_not_check_or_put_back_fail() -> None:
+    """A failed check may mean the rules are gone and nothing puts them back: the host's
+    traffic bypasses the mesh. Only the repairs counter used to show, and only successes."""
+    (line,) = judge(page(redirect_check_failing=True))
+    assert line.status == "FAIL" and "redirect_check_failed" in line.detail
+    assert exit_status([line]) == 1
 
 
 def test_an_older_agent_without_the_newer_metrics_is_not_held_to_them() -> None:

@@ -508,6 +508,7 @@ def test_rules_flushed_by_another_tool_are_put_back_and_reported(mesh: Mesh) -> 
     assert normalized_rules(web) != rules
     wait_for("the rules to be put back", lambda: normalized_rules(web) == rules, timeout_s=10)
     assert metric(mesh, "web", "meshd_redirect_repairs_total") > repairs
+    assert metric(mesh, "web", "meshd_redirect_check_failing") == 0
     events = mesh.events("web", "redirect_repaired")[seen:]
     problems = [str(p) for e in events for p in e["problems"]]  # type: ignore[attr-defined]
     assert any(p.startswith("IPv4:") for p in problems), events
@@ -515,7 +516,8 @@ def test_rules_flushed_by_another_tool_are_put_back_and_reported(mesh: Mesh) -> 
     # Intercepted again: the call goes through web's proxy (its access log says so).
     calls_before = len(mesh.events("web", "access"))
     assert call_until(mesh, "web", api.address, API_PORT, ok=True).returncode == 0
-    assert len(mesh.events("web", "access")) > calls_before
+    # (The proxy logs a connection once both sides have closed: just after the caller.)
+    wait_for("web's access line", lambda: len(mesh.events("web", "access")) > calls_before, 5)
 
 
 def test_cold_start_without_consul_or_cache_refuses_everything(mesh: Mesh) -> None:

@@ -26,7 +26,7 @@ import trio
 
 from agent import redirect as driver
 from agent.origdst import OriginalDestinationError, original_destination
-from meshd.redirect import RedirectSpec
+from meshd.redirect import CONSUL_PORTS, RedirectSpec
 
 pytestmark = pytest.mark.netns
 
@@ -245,6 +245,39 @@ async def test_live_redirect_v4_v6_and_exclusions(hosts: None) -> None:
         nursery.cancel_scope.cancel()
 
 
+def test_another_tools_rule_in_any_encoding_is_read_kept_and_left_alone(hosts: None) -> None:
+    """A foreign rule whose comment is not UTF-8 (iptables keeps any bytes) made every read
+    of the rules raise UnicodeDecodeError, which ended the agent at start-up and at its
+    next rule check."""
+    comment = b"caf\xe9"  # Latin-1
+    add = ["-A", "INPUT", "-p", "tcp", "--dport", "99", "-m", "comment", "--comment"]
+    subprocess.run(
+        ["ip", "netns", "exec", HOST, "iptables", *add, os.fsdecode(comment), "-j", "ACCEPT"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+
+    def saved() -> bytes:
+        return subprocess.run(
+            ["ip", "netns", "exec", HOST, "iptables-save", "-t", "filter"],
+            check=True, capture_output=True, timeout=30,
+        ).stdout  # fmt: skip
+
+    assert b'"caf\xe9"' in saved()
+    run(AGENT, "redirect", "apply", *SPEC)
+    assert "installed" in run(AGENT, "redirect", "status", *SPEC)
+    run("iptables", "-t", "nat", "-F", "MESHD_OUTPUT")
+    spec = RedirectSpec(  # what the CLI makes of SPEC
+        proxy_uid=PROXY_UID, inbound_ports=(8080,), exclude_uids=(EXCLUDED_UID,),
+        exclude_outbound_ports=(*CONSUL_PORTS, 9999),
+    )  # fmt: skip
+    with inside(HOST):
+        problems = driver.repair(spec)
+    assert problems and "MESHD_OUTPUT" in " ".join(problems)
+    assert "installed" in run(AGENT, "redirect", "status", *SPEC)
+    run(AGENT, "redirect", "remove")
+    assert b'"caf\xe9"' in saved() and b"MESHD" not in saved()
+
+
 async def test_traffic_the_host_only_routes_is_never_captured(routed_guest: None) -> None:
     """A container on host calling another machine on a port host meshes reaches that
     machine: PREROUTING sees routed traffic too, and capturing it would hand the
@@ -385,6 +418,23 @@ def test_sigkill_at_random_points_leaves_old_or_new_ruleset(hosts: None) -> None
         run(AGENT, "redirect", "apply", *SPEC)
         assert both() == old
     print(f"seed {seed}, run {full:.2f} s, outcomes (IPv4, IPv6 old/new): {seen}")
+
+
+async def test_every_check_that_cannot_read_the_rules_is_reported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The agent's rule check reports each failed round (the agent counts it and sets
+    ``meshd_redirect_check_failing``, which ``meshctl check`` fails on) and keeps going."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no iptables-save to be found
+    spec = RedirectSpec(proxy_uid=PROXY_UID, inbound_ports=(8080,))
+    checked: list[tuple[str, ...]] = []
+    failed: list[str] = []
+    with trio.move_on_after(1.0):
+        await driver.keep_applied(
+            spec, interval=0.1, on_checked=checked.append, on_failed=failed.append
+        )
+    assert checked == [] and len(failed) >= 3, failed
+    assert all("iptables-save not found" in f for f in failed), failed
 
 
 def test_repair_reapplies_after_a_foreign_flush(hosts: None) -> None:
