@@ -12,7 +12,7 @@ of :mod:`agent.redirect_probe`.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -243,22 +243,25 @@ class VerifyReport:
 async def verify(
     spec: RedirectSpec,
     *,
-    targets: Mapping[Family, tuple[str, int]] = DEFAULT_PROBE_TARGETS,
+    targets: Sequence[tuple[Family, tuple[str, int]]] = tuple(DEFAULT_PROBE_TARGETS.items()),
     timeout: float = 2.0,
 ) -> VerifyReport:
     """Check the installed rules against *spec*, then prove interception with live probes.
 
+    Both families' rules are compared whatever the probes: a probe adds proof for its
+    family, and a family without one is still checked.
+
     Args:
         spec: the spec the rules should implement.
-        targets: per family, an address:port the rules must capture (it needs a route).
+        targets: ``(family, (address, port))`` the rules must capture (each needs a route);
+            every one is probed.
         timeout: seconds each probe may take.
 
     Raises:
         RedirectError: ``iptables-save`` failed.
         ProbeError: a probe cannot run (outbound port busy, excluded target).
     """
-    families = tuple(targets)
-    found = await trio.to_thread.run_sync(lambda: status(spec, families=families))
+    found = await trio.to_thread.run_sync(status, spec)
     problems = tuple(f"IPv{s.family}: {p}" for s in found for p in s.problems)
-    probes = [await probe(spec, f, t, timeout=timeout) for f, t in targets.items()]
+    probes = [await probe(spec, f, t, timeout=timeout) for f, t in targets]
     return VerifyReport(tuple(probes), problems)

@@ -31,7 +31,7 @@ def _uid(value: str) -> int:
 def _target(value: str) -> tuple[Family, tuple[str, int]]:
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise click.BadParameter(f"{value!r} is not ADDRESS:PORT ([v6]:port for IPv6)")
     return (6 if ":" in host else 4), (host, int(port))
 
@@ -159,7 +159,7 @@ def verify_cmd(probes: tuple[str, ...], timeout: float, **opts: Any) -> None:
     """Compare the rules with the spec and prove interception with a live probe."""
     spec = build_spec(opts)
     assert spec is not None
-    targets = dict(map(_target, probes)) if probes else driver.DEFAULT_PROBE_TARGETS
+    targets = [_target(p) for p in probes] or list(driver.DEFAULT_PROBE_TARGETS.items())
     report = trio.run(lambda: driver.verify(spec, targets=targets, timeout=timeout))
     for result in report.probes:
         mark = "ok" if result.ok else "FAIL"

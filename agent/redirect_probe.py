@@ -147,7 +147,7 @@ async def probe(
 async def _dial(
     family: Family, target: tuple[str, int], uid: int | None, timeout: float
 ) -> tuple[Outcome, str]:
-    where = f"[{target[0]}]:{target[1]}"
+    where = f"[{target[0]}]:{target[1]}" if family == 6 else f"{target[0]}:{target[1]}"
     with _socket_as(family, uid) as sock:
         with trio.move_on_after(timeout) as scope:
             try:

@@ -326,6 +326,16 @@ def test_verify_proves_interception_and_catches_a_foreign_flush(hosts: None) -> 
     assert "IPv4: FAIL" in out and "IPv6: ok" in out and "verify failed" in out
     run(AGENT, "redirect", "apply", *SPEC)
     assert "FAIL" not in run(AGENT, "redirect", "verify", *SPEC, *PROBES)
+    # An IPv4 probe alone still has the IPv6 rules compared (they used to be skipped), and
+    # every probe given is made, two of one family included.
+    run("ip6tables", "-t", "nat", "-F", "MESHD_OUTPUT")
+    v4_only = ["--probe", "198.18.0.2:80", "--probe", "198.18.0.2:81"]
+    out = run(AGENT, "redirect", "verify", *SPEC, *v4_only, check=False)
+    assert "MESHD_OUTPUT has 0 rules" in out and "verify failed" in out, out
+    assert "198.18.0.2:80" in out and "198.18.0.2:81" in out, out
+    assert "not ADDRESS:PORT" in run(AGENT, "redirect", "verify", *SPEC, "--probe",
+                                     "198.18.0.2:70000", check=False)  # fmt: skip
+    run(AGENT, "redirect", "apply", *SPEC)
     # root excluded too: the probe dials as nobody instead, and still sees the redirect
     run(AGENT, "redirect", "apply", *SPEC, "--exclude-uid", "0")
     assert "FAIL" not in run(AGENT, "redirect", "verify", *SPEC, "--exclude-uid", "0", *PROBES)
