@@ -23,6 +23,7 @@ SSH_PORT = 22
 CONSUL_PORTS = (8300, 8301, 8302, 8500, 8501, 8502, 8600)
 #: The agent's admin and metrics listeners.
 AGENT_PORTS = (15000, 15020)
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 class RedirectSpecError(MeshdError):
@@ -131,7 +132,19 @@ def _networks(
     networks = []
     for cidr in cidrs:
         try:
-            networks.append(ipaddress.ip_network(cidr, strict=True))
+            net = ipaddress.ip_network(cidr, strict=True)
         except ValueError as exc:
             raise RedirectSpecError(f"redirect: exclude_outbound_cidrs: {exc}") from exc
+        if net.prefixlen == 0:
+            # iptables-save drops "-d 0.0.0.0/0": the rules could never match what was asked.
+            raise RedirectSpecError(
+                f"redirect: exclude_outbound_cidrs: {cidr} excludes every destination;"
+                " to capture nothing, set [redirect] enabled = false"
+            )
+        if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_IPV4_MAPPED):
+            raise RedirectSpecError(
+                f"redirect: exclude_outbound_cidrs: {cidr} is IPv4-mapped, and IPv4 traffic"
+                " never meets the IPv6 rules: give the IPv4 network"
+            )
+        networks.append(net)
     return tuple(networks)

@@ -402,6 +402,10 @@ def test_defaults_exclude_ssh_consul_and_agent_ports() -> None:
         ({"outbound_port": 15006}, "must differ"),
         ({"exclude_outbound_cidrs": ("10.0.0.1/8",)}, "host bits"),
         ({"exclude_outbound_cidrs": ("nonsense",)}, "does not appear"),
+        # iptables-save prints neither as written: the running agent saw drift every check.
+        ({"exclude_outbound_cidrs": ("0.0.0.0/0",)}, "every destination"),
+        ({"exclude_outbound_cidrs": ("::/0",)}, "every destination"),
+        ({"exclude_outbound_cidrs": ("::ffff:10.0.0.0/104",)}, "IPv4-mapped"),
         ({"exclude_uids": (-1,)}, "not a valid user id"),
         ({"ipv6": "ignore"}, "redirect|refuse"),
     ],
