@@ -54,6 +54,7 @@ def run_cmd(config_path: Path) -> None:
     )
 
     async def main() -> None:
+        failed: list[redirect.RedirectError] = []
         async with open_consul(settings) as consul, trio.open_nursery() as nursery:
 
             async def run_agent(task_status: trio.TaskStatus[AgentHandle]) -> None:
@@ -64,11 +65,21 @@ def run_cmd(config_path: Path) -> None:
             if spec is not None:
                 # Rules go in only once the proxies listen: a redirected connection then
                 # always finds a proxy. They stay when the agent exits (see runtime).
-                changes = await trio.to_thread.run_sync(redirect.apply, spec)
-                log.event(
-                    "redirect_applied", changed=[f"IPv{c.family}" for c in changes if c.applied]
-                )
-                nursery.start_soon(keep_rules, spec, config.redirect.check_interval, handle)
+                try:
+                    changes = await trio.to_thread.run_sync(redirect.apply, spec)
+                except redirect.RedirectError as exc:
+                    # Without its rules this host must not stay in Consul as serving its
+                    # services: the orderly stop deregisters them first, then the error
+                    # ends the agent (systemd's Restart= tries again).
+                    log.event("redirect_apply_failed", level="error", error=str(exc))
+                    failed.append(exc)
+                    handle.request_stop()
+                else:
+                    applied = [f"IPv{c.family}" for c in changes if c.applied]
+                    log.event("redirect_applied", changed=applied)
+                    nursery.start_soon(keep_rules, spec, config.redirect.check_interval, handle)
+        if failed:
+            raise failed[0]
 
     def keep_rules(spec: RedirectSpec, interval: float, handle: AgentHandle) -> Awaitable[None]:
         def checked(problems: tuple[str, ...]) -> None:

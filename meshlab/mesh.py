@@ -233,8 +233,18 @@ class Mesh:
                 '[[service.checks]]\nkind = "tcp"\ninterval = "1s"\ntimeout = "1s"\n'
             )
 
-    def start_agent(self, name: str, *, socket_activated: bool = False) -> Process:
+    def start_agent(
+        self,
+        name: str,
+        *,
+        socket_activated: bool = False,
+        path_first: Sequence[Path] = (),
+        wait_ready: bool = True,
+    ) -> Process:
         """Start ``meshd-agent run`` on host *name* and wait until it serves a snapshot.
+
+        *path_first*: directories put ahead of ``PATH`` (tools that fail on purpose).
+        *wait_ready*: False returns at once, for an agent expected to give up.
 
         *socket_activated*: under ``meshlab/apps/sockholder.py``, which holds the listening
         sockets of ``systemd/meshd-agent.socket`` as systemd would, so that
@@ -244,6 +254,8 @@ class Mesh:
         """
         mh = self.hosts[name]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+        if path_first:
+            env["PATH"] = ":".join([*map(str, path_first), env.get("PATH", "/usr/sbin:/usr/bin")])
         argv = [str(BIN / "meshd-agent"), "run", "--config", str(mh.dir / "agent.toml")]
         if socket_activated:
             listen = [arg for spec in unit_sockets() for arg in ("--listen", spec)]
@@ -252,7 +264,8 @@ class Mesh:
         if mh.agent_uid is not None:
             argv = as_agent_user(mh.agent_uid, argv)
         mh.agent = mh.host.spawn("agent", argv, env=env)
-        self.wait_admin(name, "/ready")
+        if wait_ready:
+            self.wait_admin(name, "/ready")
         return mh.agent
 
     def restart_agent_in_place(self, name: str, *, timeout_s: float = 60.0) -> int:

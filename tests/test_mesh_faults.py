@@ -520,6 +520,38 @@ def test_rules_flushed_by_another_tool_are_put_back_and_reported(mesh: Mesh) -> 
     wait_for("web's access line", lambda: len(mesh.events("web", "access")) > calls_before, 5)
 
 
+def test_rules_that_cannot_go_in_at_start_deregister_the_host_and_end_the_agent(
+    mesh: Mesh,
+) -> None:
+    """ip6tables-restore fails at start (no IPv6 NAT in the kernel, a lock clash): the
+    agent used to end at once, cancelled, leaving db registered as passing in Consul while
+    nothing intercepted its traffic. Now it deregisters first (an orderly stop), then
+    exits with the tool's error, for systemd to try again."""
+    db = mesh.hosts["db"]
+    tools = mesh.lab.workdir / "failing-ip6tables"
+    tools.mkdir(exist_ok=True)
+    script = tools / "ip6tables-restore"
+    script.write_text("#!/bin/sh\necho 'ip6tables-restore: line 7 failed' >&2\nexit 1\n")
+    script.chmod(0o755)
+    assert db.agent is not None
+    assert db.agent.stop(signal.SIGTERM, grace_s=20) == 0
+    mesh.wait_passing("db", 0)
+    try:
+        agent = mesh.start_agent("db", path_first=[tools], wait_ready=False)
+        # It registers db (cached certificates), then applies the rules, then gives up.
+        status = agent.popen.wait(timeout=60)
+        assert status != 0, agent.log()[-3000:]
+        (failed,) = mesh.events("db", "redirect_apply_failed")
+        assert "line 7 failed" in str(failed["error"])
+        assert mesh.events("db", "agent_stopped"), agent.log()[-3000:]  # drained, not cut off
+        assert "ip6tables-restore" in agent.log().splitlines()[-1]  # the error, no traceback
+        assert "Traceback" not in agent.log()
+        mesh.wait_passing("db", 0, timeout_s=5)
+    finally:
+        mesh.start_agent("db")
+        mesh.wait_passing("db", 1)
+
+
 def test_cold_start_without_consul_or_cache_refuses_everything(mesh: Mesh) -> None:
     """SECURITY-TESTS A (fail closed): Consul unreachable at cold start with no cache.
 
