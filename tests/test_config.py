@@ -69,7 +69,7 @@ def test_empty_agent_file_gives_documented_defaults() -> None:
     assert config.agent.state_dir == Path("/var/lib/meshd")
     assert config.agent.services_dir == Path("/etc/meshd/services.d")
     assert config.agent.bootstrap_token_file == Path("/etc/meshd/bootstrap.token")
-    assert config.consul.address == "http://127.0.0.1:8500"
+    assert config.consul.address is None  # CONSUL_HTTP_ADDR, else http://127.0.0.1:8500
     assert (config.consul.token_file, config.consul.ca_file) == (None, None)
     assert config.consul.kv_prefix == "meshd/"
     assert config.meshd.addresses == ()

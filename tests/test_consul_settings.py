@@ -163,6 +163,11 @@ def test_from_config_reads_a_private_token_file_and_overrides_the_environment(
     assert "s3cr3t" not in repr(settings)
     no_file = ConsulSettings.from_config(ConsulConfig(address="http://127.0.0.1:8500"), file="f")
     assert no_file.token == "from-env"
+    # An address the file does not give is the environment's, as documented (it used to
+    # be the built-in default whatever CONSUL_HTTP_ADDR said).
+    assert ConsulSettings.from_config(ConsulConfig(), file="f").address == "http://127.0.0.9:1"
+    monkeypatch.delenv("CONSUL_HTTP_ADDR")
+    assert ConsulSettings.from_config(ConsulConfig(), file="f").address == "http://127.0.0.1:8500"
     token_file.chmod(0o644)
     with pytest.raises(ConfigError, match=r"agent.toml: consul.token_file: .*group"):
         ConsulSettings.from_config(cfg, file="agent.toml")

@@ -11,7 +11,6 @@ from meshd.config.document import Table
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
-DEFAULT_CONSUL_ADDRESS = "http://127.0.0.1:8500"
 DEFAULT_KV_PREFIX = "meshd/"
 
 
@@ -20,13 +19,14 @@ class ConsulConfig:
     """How to reach Consul.
 
     Attributes:
-        address: ``http(s)://host:port`` of the local Consul agent.
+        address: ``http(s)://host:port`` of the local Consul agent, or None when the file
+            does not say: then ``CONSUL_HTTP_ADDR``, else ``http://127.0.0.1:8500``.
         token_file: file holding the ACL token (never the token itself), or None.
         ca_file: CA bundle to verify an https Consul with, or None for the system store.
         kv_prefix: the KV folder meshd owns, ending in ``/``.
     """
 
-    address: str = DEFAULT_CONSUL_ADDRESS
+    address: str | None = None
     token_file: Path | None = None
     ca_file: Path | None = None
     kv_prefix: str = DEFAULT_KV_PREFIX
@@ -76,7 +76,7 @@ def parse_consul(table: Table) -> ConsulConfig:
     file_path = fields.path(table.base)
     prefix = table.get("kv_prefix", _kv_prefix, DEFAULT_KV_PREFIX)
     return ConsulConfig(
-        address=table.get("address", _consul_address, DEFAULT_CONSUL_ADDRESS),
+        address=table.get("address", _consul_address, None),
         token_file=table.get("token_file", file_path, None),
         ca_file=table.get("ca_file", file_path, None),
         kv_prefix=prefix if prefix.endswith("/") else prefix + "/",

@@ -96,9 +96,12 @@ class ConsulSettings:
                 raise ConfigError(file, "consul.token_file", str(exc)) from None
             if not token:
                 raise ConfigError(file, "consul.token_file", f"{config.token_file} is empty")
+        address = settings.address  # CONSUL_HTTP_ADDR, or the default
+        if config.address is not None:
+            address = normalise_address(config.address, f"{file}: consul.address")
         return replace(
             settings,
-            address=normalise_address(config.address, f"{file}: consul.address"),
+            address=address,
             ca_file=config.ca_file or settings.ca_file,
             token=token,
         )
