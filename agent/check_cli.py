@@ -132,7 +132,8 @@ def _state_dir(path: Path, uid: int | None) -> Check:
         return Check("state dir", "warn", f"{path} has mode {mode:04o}; 0700 keeps keys private")
     foreign = _not_owned(path, info.st_uid, uid)
     if foreign:
-        # systemd's StateDirectory= gives it (recursively) to the unit's user on start.
+        # systemd's StateDirectory= gives it to the unit's user on start, recursively, but
+        # only when the directory itself is another user's.
         return Check("state dir", "warn", f"{foreign}: it cannot write there unless systemd's"
                      " StateDirectory= hands it over at start")  # fmt: skip
     return Check("state dir", "ok", str(path))

@@ -999,7 +999,7 @@ def test_an_agent_out_of_file_descriptors_backs_off_and_recovers(mesh: Mesh) -> 
         assert any("Too many open files" in str(e["error"]) for e in failed), failed[-3:]
     finally:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
-    # The flood's connections time out of their TLS handshake; then db serves again.
+    # With descriptors back, db serves again.
     res = call_until(mesh, "web", db.address, DB_PORT, ok=True, timeout_s=30)
     assert res.returncode == 0 and res.stdout.split()[0] == "db", res
     assert agent.alive()

@@ -3,8 +3,8 @@
 Leaf certificate lifetimes are bounded: at least 1 h, because agents renew at 50-70 % of
 the lifetime with jitter and must survive clock skew and a short meshd outage; at most
 30 days (720 h), because short-lived leaves are what make revocation unnecessary.
-``leaf_ttl`` (what meshd issues by default) must not exceed ``max_leaf_ttl`` (the cap on
-any TTL a caller asks for; requests above it are clamped to it, not refused).
+``leaf_ttl`` (the lifetime of every leaf meshd issues) must not exceed ``max_leaf_ttl``;
+a lifetime a caller asks for is ignored.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class CAConfig:
     Attributes:
         dir: where the CA keeps its keys (0700) and state.
         leaf_ttl: the lifetime of issued leaf certificates.
-        max_leaf_ttl: the most any request may obtain; longer requests are clamped.
+        max_leaf_ttl: the bound on ``leaf_ttl``, checked when the file is loaded.
         csr_rate_per_minute: signing requests accepted per minute from one client address
             (one token bucket per address, burst at most 10).
     """
