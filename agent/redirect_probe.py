@@ -8,8 +8,11 @@ For IPv6 in ``refuse`` mode the connection must instead be reset; a reset cannot
 apart from a closed port on the target, so there the rule comparison in
 :func:`agent.redirect.verify` carries the proof and the probe shows nothing gets through.
 
-The probe needs the outbound port free: run it before the proxy starts listening (the agent
-does so at start-up). While it runs, other captured connections reach the probe, not a proxy.
+The probe needs the outbound port free: run ``meshd-agent redirect verify`` before the proxy
+listens (or while the agent and its socket unit are stopped). While it runs, other captured
+connections reach the probe, not a proxy. The running agent does not probe: its own
+connections are never captured (its UID is excluded) and it may not dial as another user;
+it compares the installed rules with its spec every ``check_interval`` instead.
 """
 
 from __future__ import annotations
