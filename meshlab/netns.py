@@ -36,6 +36,9 @@ from meshlab.devconsul import stop_process
 
 # meshd-<tag>-<host> (namespace), mbr<tag> (bridge), mv<tag>x<index> (veth); tag = name+pid.
 _NAME = re.compile(r"^(?:meshd-|mbr|mv)([a-z]+)(\d+)(?:-|x|$)")
+# Set on every link a lab creates: the sweep removes no link of the machine's own, whatever
+# its name.
+_LINK_ALIAS = "meshd-lab"
 STOP_GRACE_S = 5.0
 
 
@@ -135,6 +138,7 @@ class Lab:
     # -- building -----------------------------------------------------------------
     def start(self) -> None:
         _run(["ip", "link", "add", self.bridge, "type", "bridge"])
+        _run(["ip", "link", "set", "dev", self.bridge, "alias", _LINK_ALIAS])
         _run(["ip", "addr", "add", f"{self.root_address}/24", "dev", self.bridge])
         _run(["ip", "link", "set", self.bridge, "up"])
         self.server = self._add_namespace("cs", self.server_address, 2)
@@ -153,6 +157,7 @@ class Lab:
         _run(["ip", "netns", "add", netns])
         self._namespaces.append(netns)
         _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns])
+        _run(["ip", "link", "set", "dev", veth, "alias", _LINK_ALIAS])
         _run(["ip", "link", "set", veth, "master", self.bridge, "up"])
         address6 = f"{self.prefix6}{index:x}"
         for argv in (
@@ -258,10 +263,10 @@ def _sweep_stale() -> None:
         for line in _run(["ip", "netns", "list"], check=False).stdout.splitlines()
         if line.strip()
     ]
-    links = [
-        line.split()[0].split("@")[0]
-        for line in _run(["ip", "-br", "link"], check=False).stdout.splitlines()
-        if line.strip()
+    links = [  # "2: mbrf123: <...> ...\\    alias meshd-lab"
+        line.split()[1].rstrip(":").split("@")[0]
+        for line in _run(["ip", "-o", "link"], check=False).stdout.splitlines()
+        if line.rstrip().endswith(f"alias {_LINK_ALIAS}")
     ]
     for name in names + links:
         match = _NAME.match(name)

@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-system.sh
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x .venv/bin/pip ]; then
+    # Also a venv that a failed run left half made (python, but no pip): start again.
+    rm -rf .venv
     python3 -m venv .venv
 fi
 stamp=.venv/.meshd-installed

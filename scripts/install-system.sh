@@ -25,6 +25,12 @@ list=/etc/apt/sources.list.d/meshd-bullseye.sources
 pin=/etc/apt/preferences.d/meshd-bullseye
 
 if ! command -v consul >/dev/null 2>&1; then
+    if [ ! -f "$list" ] && [ ! -f "$sources" ]; then
+        echo "install-system.sh: $sources not found: this script reads the mirror to add" \
+            "Debian bullseye (for consul) from a deb822 sources file, as Debian 12 images" \
+            "ship it; write the bookworm entries of /etc/apt/sources.list there in deb822 form" >&2
+        exit 1
+    fi
     if [ ! -f "$list" ]; then
         # The URIs of the stanza that carries the plain `bookworm` suite.
         uris=$(awk '
@@ -56,9 +62,12 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-    consul iptables iproute2 tcpdump nginx-light procps curl ca-certificates >/dev/null
-# nginx-light is a test fixture only; it must not hold port 80 on the host.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
-    systemctl stop nginx || true
+    consul iptables iproute2 tcpdump nginx-light procps curl ca-certificates \
+    python3 python3-venv >/dev/null
+# nginx-light is a test and benchmark fixture only: it must not hold port 80 on the host,
+# now or after a reboot. (Without systemd running, as in a container, it was not started.)
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now --quiet nginx
 fi
-consul version | head -n 1
+# sed reads all of it: with `head -n 1`, consul could die of SIGPIPE, failing pipefail.
+consul version | sed -n 1p

@@ -86,6 +86,31 @@ def test_teardown_leaves_nothing_behind() -> None:
     assert links.returncode != 0
 
 
+def test_the_stale_sweep_removes_only_links_a_lab_made() -> None:
+    """The sweep of labs whose process died went by name alone: a machine's own macvlan
+    or bridge called mvlan0 or mbridge0 matched the pattern (pid 0 never exists) and was
+    deleted. Now only links carrying the lab's alias are candidates."""
+    dead = 4_000_000  # above pid_max: no process has it
+    ours, theirs = f"mbrzq{dead}", "mvlan0"
+    for name in (ours, theirs):
+        subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", "dev", ours, "alias", "meshd-lab"], check=True)
+        with open_lab("z", ("one",)):  # sweeps first
+            pass
+
+        def exists(name: str) -> bool:
+            show = ["ip", "link", "show", name]
+            return subprocess.run(show, capture_output=True, check=False).returncode == 0
+
+        assert not exists(ours)
+        assert exists(theirs)
+    finally:
+        for name in (ours, theirs):
+            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+
+
 def _not_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
