@@ -67,7 +67,7 @@ from agent.workerlink import (
 )
 from meshd.config.agent import ProxyConfig
 from meshd.dataplane import DataPlaneView, ViewCache
-from meshd.snapshot import SnapshotFormatError, from_json, to_json
+from meshd.snapshot import Snapshot, SnapshotFormatError, from_json, to_json
 
 REPORT_INTERVAL_S = 1.0
 MAX_UNKNOWN_PER_REPORT = 64
@@ -76,6 +76,7 @@ RESTART_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0  # a worker up this long starts its next restart from 1 s again
 KILL_GRACE_S = 5.0  # after drain_timeout, before a worker that did not exit is killed
 REPORT_TIMEOUT_S = 10.0  # a worker silent this long is stuck: it is killed and restarted
+ORPHANED_DRAIN_S = 1.0  # a worker whose agent died lets its connections finish this long
 # Sample names whose values only grow: a worker's last ones outlive it in the totals.
 _CUMULATIVE = ("_total", "_bucket", "_count", "_sum")
 
@@ -115,22 +116,47 @@ async def serve_worker(link_sock: socket.socket, log: JsonLog) -> None:
                 served = [(name, sock, handlers[name]) for name, sock in listeners]
                 await start_accept_loops(acceptors, served, connections, log=log, shared=True)
                 await link.send_json({"type": "ready", "pid": os.getpid()})
+                failure: str | None = None
                 try:
                     while state.apply(await link.receive()):
                         pass
                 except (WorkerLinkError, trio.BrokenResourceError, OSError) as exc:
-                    log.event("worker_link_failed", level="error", worker=index, error=str(exc))
+                    failure = str(exc)
                 acceptors.cancel_scope.cancel()
                 conns.stop_waiting()
                 deps.warm.close_all()
             for _, sock in listeners:
                 sock.close()
-            log.event("worker_draining", worker=index, open_connections=len(conns))
-            connections.cancel_scope.deadline = trio.current_time() + settings.drain_timeout
+            grace = _drain_grace(state, failure, len(conns), index)
+            if state.drain_requested:
+                background.start_soon(state.follow, link)
+            connections.cancel_scope.deadline = trio.current_time() + grace
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await state.report(link, final=True)
         background.cancel_scope.cancel()
+    if failure is not None:
+        raise WorkerLinkError(failure)
     log.event("worker_stopped", worker=index)
+
+
+def _drain_grace(state: _WorkerState, failure: str | None, open_now: int, index: int) -> float:
+    """How long the worker's open connections may still finish once it stops accepting."""
+    log = state.log
+    if failure is not None:
+        # A frame it cannot read: serving on with the policy it holds would be a guess.
+        # Its connections are reset; the agent starts another worker.
+        log.event("worker_link_failed", level="error", worker=index, error=failure)
+        return 0.0
+    log.event("worker_draining", worker=index, open_connections=open_now,
+              told=state.drain_requested)  # fmt: skip
+    if state.drain_requested:
+        # Told to drain: the link stays open, and snapshots and certificates still apply
+        # (a new deny closes draining connections too) until the drain is over.
+        return state.settings.drain_timeout
+    # The link ended: the agent is gone, and its own connections with it. systemd restarts
+    # the unit only once every process of it has exited: a long drain here would keep the
+    # host's proxies down that long.
+    return ORPHANED_DRAIN_S
 
 
 @dataclass
@@ -142,6 +168,7 @@ class _WorkerState:
     credentials: LinkedCredentials = field(default_factory=lambda: LinkedCredentials(time.time))
     metrics: AgentMetrics = field(default_factory=AgentMetrics)
     started: bool = False
+    drain_requested: bool = False
     conns: OpenConnections | None = None
     unknown: list[tuple[str, int]] = field(default_factory=list)
 
@@ -187,10 +214,20 @@ class _WorkerState:
         elif kind_name == "start":
             self.started = True
         elif kind_name == "drain":
+            self.drain_requested = True
             return False
         else:
             raise WorkerLinkError(f"unknown message type {kind_name!r} from the agent")
         return True
+
+    async def follow(self, link: Link) -> None:
+        """Keep applying the agent's frames while draining, until the link ends."""
+        with contextlib.suppress(WorkerLinkError, trio.BrokenResourceError, OSError):
+            while True:
+                frame = await link.receive()
+                if frame is None:
+                    return
+                self.apply(frame)
 
     async def report(self, link: Link, *, final: bool = False) -> None:
         unknown, self.unknown = self.unknown, []
@@ -343,6 +380,7 @@ class WorkerPool:
         self._drain = trio.Event()
         self._done = trio.Event()
         self._drain_deadline = math.inf
+        self._encoding: tuple[int, bytes] | None = None
 
     def reports(self) -> list[list[ReportedSample]]:
         """Each running worker's latest samples, and the counters of exited ones."""
@@ -394,6 +432,7 @@ class WorkerPool:
             began = trio.current_time()
             status.last_exit = await self._run_once(status)
             status.pid = None
+            status.open_inbound_connections = 0  # its connections went with it
             self._retire(status.index)
             if self._draining:
                 return
@@ -458,17 +497,22 @@ class WorkerPool:
             }
         )
         version = None
-        snapshot = self._snapshots.current()
-        if snapshot is not None:
-            version = snapshot.version
-            await link.send_snapshot(to_json(snapshot))
-        # Taken before the message is made: a certificate installed while it is on its way
-        # sets this event, and _send_certs sends again.
-        changed = self._certifier.changed
-        await link.send_json(certs_message(self._services, self._certifier.current))
-        await link.send_json({"type": "start"})
-        nursery.start_soon(self._send_snapshots, link, version, process)
-        nursery.start_soon(self._send_certs, link, changed, process)
+        # Bounded like the reports that follow: a worker that hangs before reading its link
+        # would otherwise hold this slot (and the agent's send) for ever.
+        with trio.move_on_after(REPORT_TIMEOUT_S) as stuck:
+            snapshot = self._snapshots.current()
+            if snapshot is not None:
+                version = snapshot.version
+                await link.send_snapshot(self._encoded(snapshot))
+            # Taken before the message is made: a certificate installed while it is on its
+            # way sets this event, and _send_certs sends again.
+            changed = self._certifier.changed
+            await link.send_json(certs_message(self._services, self._certifier.current))
+            await link.send_json({"type": "start"})
+        if stuck.cancelled_caught:
+            raise WorkerLinkError(f"worker {status.index} took nothing for {REPORT_TIMEOUT_S}s")
+        nursery.start_soon(self._send_snapshots, link, version, process, status)
+        nursery.start_soon(self._send_certs, link, changed, process, status)
         nursery.start_soon(self._send_drain, link, status, process)
         while True:
             # A worker reports every second, also while it drains.
@@ -494,28 +538,42 @@ class WorkerPool:
         else:
             raise WorkerLinkError(f"unknown message type {kind!r} from worker {status.index}")
 
-    async def _send_snapshots(self, link: Link, version: int | None, process: trio.Process) -> None:
-        with self._link_failure_ends(process):
+    def _encoded(self, snapshot: Snapshot) -> bytes:
+        """*snapshot* as sent on the link, encoded once per version for all the workers."""
+        if self._encoding is None or self._encoding[0] != snapshot.version:
+            self._encoding = (snapshot.version, to_json(snapshot))
+        return self._encoding[1]
+
+    async def _send_snapshots(
+        self, link: Link, version: int | None, process: trio.Process, status: WorkerStatus
+    ) -> None:
+        with self._link_failure_ends(process, status):
             while True:
                 snapshot = await self._snapshots.wait_newer(version)
                 version = snapshot.version
-                await link.send_snapshot(to_json(snapshot))
+                await link.send_snapshot(self._encoded(snapshot))
 
-    async def _send_certs(self, link: Link, changed: trio.Event, process: trio.Process) -> None:
-        with self._link_failure_ends(process):
+    async def _send_certs(
+        self, link: Link, changed: trio.Event, process: trio.Process, status: WorkerStatus
+    ) -> None:
+        with self._link_failure_ends(process, status):
             while True:
                 await changed.wait()
                 changed = self._certifier.changed  # before the message: see _feed
                 await link.send_json(certs_message(self._services, self._certifier.current))
 
     @contextlib.contextmanager
-    def _link_failure_ends(self, process: trio.Process) -> Iterator[None]:
+    def _link_failure_ends(self, process: trio.Process, status: WorkerStatus) -> Iterator[None]:
         """A send to a worker that died, or one that cannot be sent, ends that worker (it
         is started again) and never the agent: a task of the worker's nursery that raised
         would end the pool, and the agent with it."""
         try:
             yield
-        except (WorkerLinkError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except (WorkerLinkError, trio.BrokenResourceError, trio.ClosedResourceError,
+                OSError) as exc:  # fmt: skip
+            if process.poll() is None:  # not merely dead already: say why it goes
+                self._log.event("worker_link_failed", level="error", worker=status.index,
+                                error=str(exc) or type(exc).__name__)  # fmt: skip
             self._kill(process)
 
     async def _send_drain(self, link: Link, status: WorkerStatus, process: trio.Process) -> None:

@@ -35,7 +35,9 @@ from prometheus_client.samples import Sample
 from agent.tlscontexts import CertifiedKey
 from meshd.errors import MeshdError
 
-MAX_FRAME = 16 * 1024 * 1024
+# Bounds what one frame may make the reader buffer, should a length be corrupt. A snapshot
+# carries every intentions document, up to 512 KiB each in Consul: room for thousands.
+MAX_FRAME = 256 * 1024 * 1024
 _HEAD = struct.Struct(">IB")
 KIND_JSON = ord("J")
 KIND_SNAPSHOT = ord("S")

@@ -417,6 +417,29 @@ def _worker_pid(mesh: Mesh, host: str, *, not_: int | None = None, timeout_s: fl
     raise AssertionError(f"{host}: no running worker (other than {not_}): {workers}")
 
 
+def _hold_until_the_worker_carries_one(mesh: Mesh, holders: list[Process]) -> None:
+    """Open held web → api connections (into *holders*) until api's worker carries one."""
+    api = mesh.lab.hosts["api"]
+    assert wait_outcome(mesh, "web", api.address, API_PORT, ok=True, timeout_s=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(holders) < 12:
+        holder = start_client(mesh, "web", "hold", api.address, API_PORT, limit_s=40)
+        wait_lines(holder, lambda line: line.get("event") == "open", timeout_s=10, what="hold")
+        holders.append(holder)
+        time.sleep(1.2)  # a worker reports its open connections every second
+        if _stats(mesh, "api")["workers"][0]["open_inbound_connections"]:
+            break
+    assert _stats(mesh, "api")["workers"][0]["open_inbound_connections"] >= 1
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped yet (an orphan's parent is no longer ours)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def _access(mesh: Mesh, host: str, **match: Any) -> list[dict[str, Any]]:
     return [e for e in mesh.events(host, "access") if match.items() <= e.items()]
 
@@ -533,22 +556,11 @@ def test_workers_drain_with_the_agent_and_ignore_systemds_sigterm(baseline: Mesh
     """``systemctl stop`` signals every process of the unit: the worker ignores it, keeps
     carrying its open connections through the agent's drain, and leaves with the agent."""
     mesh = baseline
-    api = mesh.lab.hosts["api"]
     _restart_agent(mesh, "api", workers=2)
     holders: list[Process] = []
     try:
         worker = _worker_pid(mesh, "api")
-        assert wait_outcome(mesh, "web", api.address, API_PORT, ok=True, timeout_s=30)
-        # Hold connections open until the worker carries at least one (bounded).
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(holders) < 12:
-            holder = start_client(mesh, "web", "hold", api.address, API_PORT, limit_s=40)
-            wait_lines(holder, lambda line: line.get("event") == "open", timeout_s=10, what="hold")
-            holders.append(holder)
-            time.sleep(1.2)  # a worker reports its open connections every second
-            if _stats(mesh, "api")["workers"][0]["open_inbound_connections"]:
-                break
-        assert _stats(mesh, "api")["workers"][0]["open_inbound_connections"] >= 1
+        _hold_until_the_worker_carries_one(mesh, holders)
         agent = mesh.hosts["api"].agent
         assert agent is not None
         stopped_at = time.time()
@@ -567,6 +579,69 @@ def test_workers_drain_with_the_agent_and_ignore_systemds_sigterm(baseline: Mesh
         assert mesh.events("api", "worker_draining")
         assert not mesh.events("api", "worker_killed")
         assert not mesh.events("api", "worker_exited")  # drained, not died
+    finally:
+        for holder in holders:
+            holder.stop()
+        _restart_agent(mesh, "api")
+
+
+def test_a_worker_whose_agent_died_lets_go_within_a_second(baseline: Mesh) -> None:
+    """The agent killed (a crash, the OOM killer): its worker used to drain for the whole
+    drain_timeout, and systemd restarts the unit only once every process of it is gone, so
+    the host's proxies stayed down that long (30 s by default; 10 s in this lab)."""
+    mesh = baseline
+    _restart_agent(mesh, "api", workers=2)
+    holders: list[Process] = []
+    try:
+        worker = _worker_pid(mesh, "api")
+        _hold_until_the_worker_carries_one(mesh, holders)
+        agent = mesh.hosts["api"].agent
+        assert agent is not None
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.popen.wait(timeout=10)
+        killed_at = time.monotonic()
+        for _ in range(150):
+            if _exited(worker) or time.monotonic() - killed_at > 15:
+                break
+            time.sleep(0.1)
+        took = time.monotonic() - killed_at
+        assert _exited(worker), "the orphaned worker is still running"
+        assert took < 4.0, took  # ORPHANED_DRAIN_S (1 s) and its last report
+        (draining,) = [e for e in mesh.events("api", "worker_draining") if e["worker"] == 1]
+        assert draining["told"] is False
+    finally:
+        for holder in holders:
+            holder.stop()
+        _restart_agent(mesh, "api")
+
+
+def test_a_draining_worker_still_closes_what_a_new_deny_forbids(baseline: Mesh) -> None:
+    """During the agent's drain its worker stopped reading the link: a deny written then
+    reached the agent's connections but not the worker's, which ran on to drain_timeout."""
+    mesh = baseline
+    _restart_agent(mesh, "api", workers=2)
+    holders: list[Process] = []
+    try:
+        _hold_until_the_worker_carries_one(mesh, holders)
+        agent = mesh.hosts["api"].agent
+        assert agent is not None
+        stopped_at = time.time()
+        os.kill(agent.pid, signal.SIGTERM)  # 2 s of propagation, then a 10 s drain
+        time.sleep(2.5)
+        deny = IntentionsDocument("api", (SourceIntention(name="web", action=Action.DENY),))
+        key = "meshd/intentions/api"
+        cas = modify_index(mesh, key)
+        assert kv(mesh, "PUT", key, render_document(deny), query=f"?cas={cas}").strip() == b"true"
+        denied_at = time.time()
+        for holder in holders:
+            closed = wait_lines(
+                holder, lambda line: line.get("event") == "closed", timeout_s=15, what="closed"
+            )
+            when = next(line["t"] for line in closed if line.get("event") == "closed")
+            # Closed by the deny, not at the drain's end (stopped_at + 12 s).
+            assert when - denied_at < 5.0, (when - stopped_at, when - denied_at)
+        agent.popen.wait(timeout=30)
+        assert mesh.events("api", "worker_draining")
     finally:
         for holder in holders:
             holder.stop()

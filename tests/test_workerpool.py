@@ -7,7 +7,10 @@ the snapshot holder and the certifier are the agent's own.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -22,8 +25,9 @@ from agent.certifier import Certifier
 from agent.holder import SnapshotHolder
 from agent.tlscontexts import CertifiedKey
 from agent.worker import WorkerPool
+from agent.workerlink import Link, certs_message
 from meshd.config.agent import ProxyConfig
-from meshd.snapshot import Snapshot, make_snapshot
+from meshd.snapshot import Snapshot, make_snapshot, to_json
 
 # Reads the link like a worker would, up to 'start', then as the test asks.
 _READER = """
@@ -183,3 +187,45 @@ async def test_workers_get_neither_consuls_variables_nor_systemds(
     assert any(v.startswith(b"PATH=") for v in environ), environ  # the worker's real one
     assert not [v for v in environ if v.startswith((b"CONSUL_", b"NOTIFY_SOCKET="))]
     assert token.encode() not in b"\0".join(environ)
+
+
+async def test_a_worker_that_cannot_read_a_frame_ends_at_once(tmp_path: Path) -> None:
+    """ADR 011: a frame the worker cannot read ends it, never a guess. It used to log the
+    error, then serve its open connections on the policy it held for a whole drain_timeout
+    (30 s by default) while still reporting, so the agent saw nothing wrong. The worker here
+    is the real one; the test plays the agent's side of the link."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "agent.worker", "--link-fd", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    link = Link(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    try:
+        with trio.fail_after(30):
+            await link.send_json(
+                {"type": "hello", "index": 1, "kv_prefix": "meshd/",
+                 "proxy": dataclasses.asdict(ProxyConfig()), "listeners": []}
+            )  # fmt: skip
+            await link.send_snapshot(to_json(snapshot(1, 10)))
+            await link.send_json(certs_message([], lambda service: None))
+            await link.send_json({"type": "start"})
+            while (message := await link.receive_json()) is not None:
+                if message["type"] == "ready":
+                    break
+            began = trio.current_time()
+            await link.send_snapshot(b"{not a snapshot")
+            status = await process.wait()
+            took = trio.current_time() - began
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await link.aclose()
+    assert process.stderr is not None
+    errors = (await process.stderr.receive_some()).decode()
+    assert status == 1, errors
+    assert took < 5.0, took
+    assert '"event":"worker_link_failed"' in errors and "does not parse" in errors, errors
