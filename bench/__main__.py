@@ -1,10 +1,11 @@
 """meshd benchmark for issue 6: ``bench/run`` (or ``python -m bench``) — see docs/adr/005.
 
 The data path: starts nginx and every system's proxy pair once, then runs repetitions;
-inside a repetition each workload is run against every system back to back, the system
-order rotating from one repetition to the next (ABAB...), so slow drift of the shared
-machine hits all systems alike. Then (unless ``--no-scale``) the scale figures of item 4,
-:mod:`bench.scale`, full or quick alike. Each writes its own section of the output file.
+inside a repetition each workload is run against every system back to back, in an order
+shuffled (seeded) for each repetition and workload, so slow drift of the shared machine and
+carry-over from the previous cell hit all systems alike. Then (unless ``--no-scale``) the
+scale figures of item 4, :mod:`bench.scale`, full or quick alike. Each writes its own
+section of the output file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -157,8 +159,9 @@ def _run_cells(targets, workloads, timing, reps, nginx_pids, use_wrk, gen) -> li
     cells: list[Cell] = []
     done = 0
     for rep in range(reps):
-        order = names[rep % len(names) :] + names[: rep % len(names)]
-        for w in workloads:
+        for wi, w in enumerate(workloads):
+            order = list(names)
+            random.Random(rep * 1009 + wi).shuffle(order)  # same orders in every run
             for name in order:
                 done += 1
                 addr, pids = targets[name]
@@ -206,6 +209,9 @@ def _render(cells, systems, workloads, skipped, info, args, use_wrk, elapsed) ->
         "",
         report.targets_table(report.targets(figs, k, report.CANDIDATE, cells), report.CANDIDATE),
         "",
+        "A PASS or FAIL stands only when most repetitions agree with the medians' verdict;"
+        " otherwise the result is inconclusive. Failed requests fail a target (ADR 005).",
+        "",
         *((note, "") if (note := report.noise_note(figs, k)) else ()),
         *(
             (
@@ -232,7 +238,9 @@ def _render(cells, systems, workloads, skipped, info, args, use_wrk, elapsed) ->
         "CPU µs/req is utime+stime from /proc/<pid>/stat of the proxy processes over the"
         " measured window divided by completed requests (clock-tick resolution, 10 ms);"
         f" `{report.WORKERS}` lists each side's two processes (out1+out2 + in1+in2). The"
-        " generator's own CPU per request is in the last column; nginx is the same for all.",
+        " generator's own CPU per request is in the last column; nginx is the same for all."
+        " Consul's agent is not charged, though its proxies ask it to authorize every new"
+        " connection: Consul's new-connection CPU is a lower bound.",
     ]
     if skipped:
         lines += ["", "Not measured: " + "; ".join(f"{s} ({why})" for s, why in skipped.items())]

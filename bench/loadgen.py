@@ -148,6 +148,8 @@ class Generator:
         self.ep.register(sock.fileno(), _EP_OUT)
 
     def _drop(self, c: _Conn) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(c)  # closed while idle: it must not be handed out again
         fd = c.sock.fileno()
         self.conns.pop(fd, None)
         with contextlib.suppress(OSError, ValueError):
@@ -210,6 +212,21 @@ class Generator:
         else:
             self.idle.append(c)
 
+    def _closed(self, c: _Conn) -> None:
+        """*c* was closed or reset by the other side."""
+        busy = c not in self.idle  # an idle one owes no answer: no request failed
+        self._drop(c)
+        if busy:
+            self._fail(c.intended)
+        if self.cfg.conn == "keepalive":
+            self._replace()
+            if self.cfg.rate == 0 and self.idle and time.perf_counter_ns() < self.m_end:
+                self._send(self.idle.pop(), time.perf_counter_ns())
+            elif self.backlog and self.idle:  # waiting requests go first
+                self._send(self.idle.pop(), self.backlog.popleft())
+        elif self.cfg.rate == 0 and time.perf_counter_ns() < self.m_end:
+            self._open_async(time.perf_counter_ns())
+
     def _event(self, fd: int, ev: int) -> None:
         c = self.conns.get(fd)
         if c is None:
@@ -233,14 +250,7 @@ class Generator:
         except OSError:
             data = b""
         if not data:  # closed or reset before a complete answer
-            self._drop(c)
-            self._fail(c.intended)
-            if self.cfg.conn == "keepalive":
-                self._replace()
-                if self.cfg.rate == 0 and self.idle and time.perf_counter_ns() < self.m_end:
-                    self._send(self.idle.pop(), time.perf_counter_ns())
-            elif self.cfg.rate == 0 and time.perf_counter_ns() < self.m_end:
-                self._open_async(time.perf_counter_ns())
+            self._closed(c)
             return
         c.buf += data
         ok = response_complete(c.buf)

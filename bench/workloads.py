@@ -118,7 +118,9 @@ def run_cell(
     gen_cpu = res.get("gen_cpu_s")
     return Cell(
         system=system, workload=workload.name, rep=rep, tool=res["tool"],
-        completed=res["completed"], errors=res["errors"], rate=res["rate"],
+        # Requests the generator could not even start (too many in flight) failed too.
+        completed=res["completed"], errors=res["errors"] + res.get("overflow", 0),
+        rate=res["rate"],
         latency_us=res.get("latency_us", {}), proxy_cpu_us=sum(split),
         proxy_cpu_split_us=split, nginx_cpu_us=1e6 * ngx / n,
         gen_cpu_us=None if gen_cpu is None else 1e6 * gen_cpu / n,

@@ -60,14 +60,48 @@ def test_targets_show_the_median_and_how_many_repetitions_were_within_the_limit(
     cpu = ts["CPU per request @ka-1000"]
     assert cpu.measured == "1.20x (150 vs 125)"  # medians: 120/150/200 vs 100/125/150
     assert cpu.per_rep == "1.20x to 1.33x (2 of 3 within)"
-    assert cpu.passed is True
+    assert cpu.passed is True and not cpu.inconclusive
     tput = ts["max throughput (keep-alive)"]
     assert tput.per_rep == "0.75x to 0.90x (1 of 2 within)"
-    assert tput.passed is True  # median 21,000 vs 25,000 = 0.84
+    # The median (21,000 vs 25,000 = 0.84) passes, but not most repetitions: no finding.
+    assert tput.passed is True and tput.inconclusive
+    p99 = ts["added p99 @ka-1000"]  # 120, 170 and -10 µs over direct
+    assert (p99.measured, p99.per_rep) == ("120 µs", "-10 to 170 µs (3 of 3 within)")
     assert ts["new-connection added p50 @nc-50"].passed is None  # not measured
     assert ts["new-connection added p50 @nc-50"].per_rep == "-"
     table = report.targets_table(list(ts.values()), "meshd")
+    assert "| ≥ 0.8x | inconclusive (median: PASS) |" in table
     assert (
         "| CPU per request @ka-1000 | 1.20x (150 vs 125) | 1.20x to 1.33x (2 of 3 within) |"
         in table
     )
+
+
+def test_a_verdict_stands_only_where_most_repetitions_agree_with_the_median() -> None:
+    # 1.10, 1.30 and 1.40: the medians' ratio (130 vs 100) fails, and so do 2 of 3.
+    cells = [
+        *ka1000(0, consul_cpu=100, meshd_cpu=110, direct=100, consul=200, meshd=200),
+        *ka1000(1, consul_cpu=100, meshd_cpu=130, direct=100, consul=200, meshd=200),
+        *ka1000(2, consul_cpu=100, meshd_cpu=140, direct=100, consul=200, meshd=200),
+    ]
+    keys = report.keys_for(default_workloads(50))
+    ts = {t.name: t for t in report.targets(report.aggregate(cells), keys, "meshd", cells)}
+    cpu = ts["CPU per request @ka-1000"]
+    assert cpu.passed is False and not cpu.inconclusive
+    # 1.20, 1.30 and 1.20 against medians of 120 and 100 would pass; 2 of 3 within too.
+    cells[2] = cell("meshd", "ka-1000", 0, cpu=120, p50=200)
+    cells[5] = cell("meshd", "ka-1000", 1, cpu=130, p50=200)
+    cells[8] = cell("meshd", "ka-1000", 2, cpu=120, p50=200)
+    ts = {t.name: t for t in report.targets(report.aggregate(cells), keys, "meshd", cells)}
+    assert ts["CPU per request @ka-1000"].passed is True
+    assert not ts["CPU per request @ka-1000"].inconclusive
+
+
+def test_failed_requests_fail_the_target_whatever_the_ratio() -> None:
+    cells = list(CELLS)
+    cells[2] = Cell(**{**cells[2].__dict__, "errors": 3})  # meshd's ka-1000, repetition 0
+    keys = report.keys_for(default_workloads(50))
+    ts = {t.name: t for t in report.targets(report.aggregate(cells), keys, "meshd", cells)}
+    cpu = ts["CPU per request @ka-1000"]
+    assert cpu.passed is False and cpu.measured.endswith("3 failed requests")
+    assert ts["added p99 @ka-1000"].passed is False
