@@ -131,8 +131,17 @@ def test_restarting_the_agent_keeps_its_sockets_open() -> None:
     assert not {"PartOf", "BindsTo"} & socket_unit.keys(), socket_unit
     service_unit = unit_section("meshd-agent.service", "Unit")
     assert service_unit["Requires"] == ["meshd-agent.socket"]
-    (handler,) = yaml.safe_load((ROLES / "meshd_agent" / "handlers" / "main.yml").read_text())
-    assert handler["ansible.builtin.systemd"]["name"] == "meshd-agent.service"
+    handlers = yaml.safe_load((ROLES / "meshd_agent" / "handlers" / "main.yml").read_text())
+    units = {h["name"]: h["ansible.builtin.systemd"]["name"] for h in handlers}
+    assert units["restart meshd-agent"] == "meshd-agent.service"
+    # Only a changed socket unit restarts the sockets.
+    notified = {
+        t.get("notify"): t["ansible.builtin.copy"]["src"].rsplit("/", 1)[1]
+        for t in tasks("meshd_agent")
+        if str(t.get("ansible.builtin.copy", {}).get("src", "")).endswith(".socket")
+    }
+    assert notified == {"restart meshd-agent sockets": "meshd-agent.socket"}
+    assert units["restart meshd-agent sockets"] == "meshd-agent.socket"
 
 
 def test_the_server_role_renders_configuration_the_server_accepts() -> None:

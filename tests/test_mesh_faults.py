@@ -40,6 +40,7 @@ from meshlab.mesh import (
     holder_pids,
 )
 from meshlab.netns import Host, LabUnavailable, Process, open_lab
+from tests.plugins.mesh import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.consul]
 
@@ -136,23 +137,6 @@ def snapshot_endpoints(mesh: Mesh, host: str, service: str) -> list[dict[str, ob
     assert res.returncode == 0, res.stderr
     upstream = json.loads(res.stdout)["upstreams"].get(service) or {}
     return list(upstream.get("endpoints", []))
-
-
-def wait_for(what: str, cond: object, timeout_s: float = 15.0, detail: object = None) -> None:
-    """Poll *cond* (a callable) every 0.1 s until true, at most *timeout_s*.
-
-    *detail*, a callable, says what the state was when it timed out.
-    """
-    assert callable(cond)
-    deadline = time.monotonic() + timeout_s
-    for _ in range(int(timeout_s / 0.1) + 1):
-        if cond():
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    state = detail() if callable(detail) else ""
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} {state}")
 
 
 def call_until(

@@ -26,7 +26,7 @@ import pytest
 from meshd.intentions import Action, IntentionsDocument, SourceIntention, render_document
 from meshlab.mesh import APP_PYTHON, Mesh, ServiceSpec, as_app_user
 from meshlab.netns import LabUnavailable, Process, open_lab
-from tests.plugins.mesh import API_PORT, DB_PORT, WEB_PORT
+from tests.plugins.mesh import API_PORT, DB_PORT, WEB_PORT, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.consul]
 
@@ -119,18 +119,6 @@ def modify_index(mesh: Mesh, key: str) -> int:
 def snapshot_version(mesh: Mesh, host: str) -> int:
     """The version of the snapshot *host*'s agent serves from."""
     return int(json.loads(mesh.wait_admin(host, "/snapshot"))["version"])
-
-
-def wait_until(what: str, cond: Any, timeout_s: float = 15.0) -> None:
-    """Poll *cond* every 0.1 s until it is true; fail naming *what* after *timeout_s*."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(int(timeout_s / 0.1) + 1):
-        if cond():
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def call_ok(mesh: Mesh, host: str, address: str, port: int) -> bool:
@@ -354,10 +342,10 @@ def test_malformed_document_denies_its_destination_only(baseline: Mesh) -> None:
         before = snapshot_version(mesh, "api")
         sources = (SourceIntention("api", Action.ALLOW), SourceIntention(f"x{n}", Action.DENY))
         kv(mesh, "PUT", "meshd/intentions/db", render_document(IntentionsDocument("db", sources)))
-        wait_until(f"snapshot {n}", lambda b=before: snapshot_version(mesh, "api") > b)
+        wait_for(f"snapshot {n}", lambda b=before: snapshot_version(mesh, "api") > b)
     assert len(said()) == 1, said()
     kv(mesh, "PUT", "meshd/intentions/api", b"[not json")
-    wait_until("the new reason", lambda: len(said()) == 2)
+    wait_for("the new reason", lambda: len(said()) == 2)
     assert said()[0] != said()[1]
 
 
@@ -552,10 +540,10 @@ def test_a_dead_worker_is_replaced_and_workers_leave_with_the_agent(baseline: Me
         _restart_agent(mesh, "api")
 
 
-def test_workers_drain_with_the_agent_and_ignore_systemds_sigterm(baseline: Mesh) -> None:
-    """``systemctl stop`` signals every process of the unit: the worker ignores it, keeps
-    carrying its open connections through the agent's drain, and leaves with the agent."""
-    mesh = baseline
+@contextlib.contextmanager
+def _api_worker_carrying_connections(mesh: Mesh) -> Iterator[tuple[int, Process, list[Process]]]:
+    """api's agent with ``workers = 2`` and held web → api connections, at least one on the
+    worker: (worker pid, the agent, the holders). After: holders stopped, agent as before."""
     _restart_agent(mesh, "api", workers=2)
     holders: list[Process] = []
     try:
@@ -563,6 +551,26 @@ def test_workers_drain_with_the_agent_and_ignore_systemds_sigterm(baseline: Mesh
         _hold_until_the_worker_carries_one(mesh, holders)
         agent = mesh.hosts["api"].agent
         assert agent is not None
+        yield worker, agent, holders
+    finally:
+        for holder in holders:
+            holder.stop()
+        _restart_agent(mesh, "api")
+
+
+def _closed_at(holder: Process, timeout_s: float) -> float:
+    """When *holder* saw its connection closed (its own clock, as ``time.time()``)."""
+    lines = wait_lines(
+        holder, lambda line: line.get("event") == "closed", timeout_s=timeout_s, what="closed"
+    )
+    return float(next(line["t"] for line in lines if line.get("event") == "closed"))
+
+
+def test_workers_drain_with_the_agent_and_ignore_systemds_sigterm(baseline: Mesh) -> None:
+    """``systemctl stop`` signals every process of the unit: the worker ignores it, keeps
+    carrying its open connections through the agent's drain, and leaves with the agent."""
+    mesh = baseline
+    with _api_worker_carrying_connections(mesh) as (worker, agent, holders):
         stopped_at = time.time()
         os.kill(worker, signal.SIGTERM)  # what systemd sends to every process of the unit
         os.kill(agent.pid, signal.SIGTERM)
@@ -570,19 +578,11 @@ def test_workers_drain_with_the_agent_and_ignore_systemds_sigterm(baseline: Mesh
         # Nothing was cut at SIGTERM: every held connection stayed open through the 2 s of
         # propagation and was closed by the drain (drain_timeout 10 s in this lab).
         for holder in holders:
-            closed = wait_lines(
-                holder, lambda line: line.get("event") == "closed", timeout_s=5, what="closed"
-            )
-            when = next(line["t"] for line in closed if line.get("event") == "closed")
-            assert when - stopped_at >= 2.0, (when - stopped_at, closed)
+            assert _closed_at(holder, 5) - stopped_at >= 2.0
         assert not Path(f"/proc/{worker}").exists()
         assert mesh.events("api", "worker_draining")
         assert not mesh.events("api", "worker_killed")
         assert not mesh.events("api", "worker_exited")  # drained, not died
-    finally:
-        for holder in holders:
-            holder.stop()
-        _restart_agent(mesh, "api")
 
 
 def test_a_worker_whose_agent_died_lets_go_within_a_second(baseline: Mesh) -> None:
@@ -590,41 +590,22 @@ def test_a_worker_whose_agent_died_lets_go_within_a_second(baseline: Mesh) -> No
     drain_timeout, and systemd restarts the unit only once every process of it is gone, so
     the host's proxies stayed down that long (30 s by default; 10 s in this lab)."""
     mesh = baseline
-    _restart_agent(mesh, "api", workers=2)
-    holders: list[Process] = []
-    try:
-        worker = _worker_pid(mesh, "api")
-        _hold_until_the_worker_carries_one(mesh, holders)
-        agent = mesh.hosts["api"].agent
-        assert agent is not None
+    with _api_worker_carrying_connections(mesh) as (worker, agent, _):
         os.kill(agent.pid, signal.SIGKILL)
         agent.popen.wait(timeout=10)
         killed_at = time.monotonic()
-        for _ in range(150):
-            if _exited(worker) or time.monotonic() - killed_at > 15:
-                break
-            time.sleep(0.1)
+        wait_for("the orphaned worker to exit", lambda: _exited(worker), timeout_s=15)
         took = time.monotonic() - killed_at
-        assert _exited(worker), "the orphaned worker is still running"
         assert took < 4.0, took  # ORPHANED_DRAIN_S (1 s) and its last report
         (draining,) = [e for e in mesh.events("api", "worker_draining") if e["worker"] == 1]
         assert draining["told"] is False
-    finally:
-        for holder in holders:
-            holder.stop()
-        _restart_agent(mesh, "api")
 
 
 def test_a_draining_worker_still_closes_what_a_new_deny_forbids(baseline: Mesh) -> None:
     """During the agent's drain its worker stopped reading the link: a deny written then
     reached the agent's connections but not the worker's, which ran on to drain_timeout."""
     mesh = baseline
-    _restart_agent(mesh, "api", workers=2)
-    holders: list[Process] = []
-    try:
-        _hold_until_the_worker_carries_one(mesh, holders)
-        agent = mesh.hosts["api"].agent
-        assert agent is not None
+    with _api_worker_carrying_connections(mesh) as (_, agent, holders):
         stopped_at = time.time()
         os.kill(agent.pid, signal.SIGTERM)  # 2 s of propagation, then a 10 s drain
         time.sleep(2.5)
@@ -634,15 +615,8 @@ def test_a_draining_worker_still_closes_what_a_new_deny_forbids(baseline: Mesh) 
         assert kv(mesh, "PUT", key, render_document(deny), query=f"?cas={cas}").strip() == b"true"
         denied_at = time.time()
         for holder in holders:
-            closed = wait_lines(
-                holder, lambda line: line.get("event") == "closed", timeout_s=15, what="closed"
-            )
-            when = next(line["t"] for line in closed if line.get("event") == "closed")
+            when = _closed_at(holder, 15)
             # Closed by the deny, not at the drain's end (stopped_at + 12 s).
             assert when - denied_at < 5.0, (when - stopped_at, when - denied_at)
         agent.popen.wait(timeout=30)
         assert mesh.events("api", "worker_draining")
-    finally:
-        for holder in holders:
-            holder.stop()
-        _restart_agent(mesh, "api")

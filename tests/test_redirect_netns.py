@@ -103,18 +103,28 @@ def _delete_namespaces() -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
 
 
+def _namespace(ns: str) -> None:
+    _ip("netns", "add", ns)
+    _ip("-n", ns, "link", "set", "lo", "up")
+
+
+def _wire(a: tuple[str, str], b: tuple[str, str], v4: str, v6: str) -> None:
+    """A veth pair between namespaces ``(ns, device)`` *a* and *b*: *a* gets ``<v4>.1`` and
+    ``<v6>1``, *b* ``.2`` and ``2`` (prefixes /24 and /64)."""
+    _ip("-n", a[0], "link", "add", a[1], "type", "veth", "peer", "name", b[1], "netns", b[0])
+    for (ns, dev), n in ((a, 1), (b, 2)):
+        _ip("-n", ns, "addr", "add", f"{v4}.{n}/24", "dev", dev)
+        _ip("-n", ns, "addr", "add", f"{v6}{n}/64", "dev", dev, "nodad")
+        _ip("-n", ns, "link", "set", dev, "up")
+
+
 @pytest.fixture
 def hosts() -> Iterator[None]:
     _delete_namespaces()
     try:
-        for ns in (HOST, PEER):
-            _ip("netns", "add", ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", HOST, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", PEER)
-        for ns, dev, n in ((HOST, "va", 1), (PEER, "vb", 2)):
-            _ip("-n", ns, "addr", "add", f"198.18.0.{n}/24", "dev", dev)
-            _ip("-n", ns, "addr", "add", f"2001:db8::{n}/64", "dev", dev, "nodad")
-            _ip("-n", ns, "link", "set", dev, "up")
+        _namespace(HOST)
+        _namespace(PEER)
+        _wire((HOST, "va"), (PEER, "vb"), "198.18.0", "2001:db8::")
         yield
     finally:
         _delete_namespaces()
@@ -126,13 +136,8 @@ def hosts() -> Iterator[None]:
 def routed_guest(hosts: None) -> None:
     """GUEST behind host on a second veth; host forwards between GUEST and peer."""
     run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
-    _ip("netns", "add", GUEST)
-    _ip("-n", GUEST, "link", "set", "lo", "up")
-    _ip("-n", HOST, "link", "add", "vc", "type", "veth", "peer", "name", "vd", "netns", GUEST)
-    for ns, dev, n in ((HOST, "vc", 1), (GUEST, "vd", 2)):
-        _ip("-n", ns, "addr", "add", f"198.19.0.{n}/24", "dev", dev)
-        _ip("-n", ns, "addr", "add", f"2001:db9::{n}/64", "dev", dev, "nodad")
-        _ip("-n", ns, "link", "set", dev, "up")
+    _namespace(GUEST)
+    _wire((HOST, "vc"), (GUEST, "vd"), "198.19.0", "2001:db9::")
     _ip("-n", GUEST, "route", "add", "198.18.0.0/24", "via", "198.19.0.1")
     _ip("-n", GUEST, "-6", "route", "add", "2001:db8::/64", "via", "2001:db9::1")
     _ip("-n", PEER, "route", "add", "198.19.0.0/24", "via", "198.18.0.1")

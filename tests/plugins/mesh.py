@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -40,3 +41,20 @@ def mesh() -> Iterator[Mesh]:
             yield the_mesh
     except LabUnavailable as exc:
         pytest.fail(str(exc))
+
+
+def wait_for(what: str, cond: object, timeout_s: float = 15.0, detail: object = None) -> None:
+    """Poll *cond* (a callable) every 0.1 s until true, at most *timeout_s*.
+
+    *detail*, a callable, says what the state was when it timed out.
+    """
+    assert callable(cond)
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / 0.1) + 1):
+        if cond():
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    state = detail() if callable(detail) else ""
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} {state}")
