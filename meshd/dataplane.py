@@ -100,12 +100,18 @@ class DataPlaneView:
         )
 
 
-def build_view(snapshot: Snapshot, *, prefix: str = DEFAULT_PREFIX) -> DataPlaneView:
+def build_view(
+    snapshot: Snapshot, *, prefix: str = DEFAULT_PREFIX, previous: DataPlaneView | None = None
+) -> DataPlaneView:
     """Parse and compile *snapshot* for the proxies (see the module note on failures).
 
     Args:
         snapshot: the published snapshot.
         prefix: the KV prefix, only to name keys in error reasons.
+        previous: the view of the snapshot before; its trust bundle object is kept when the
+            bundle's bytes did not change. TLS contexts, and with them warm connections and
+            session tickets, are keyed by that object: a new one for every snapshot (any
+            endpoint or health change) threw them all away.
 
     Returns:
         The view.
@@ -115,7 +121,9 @@ def build_view(snapshot: Snapshot, *, prefix: str = DEFAULT_PREFIX) -> DataPlane
     policy = compile_policy(documents, default_action=loaded.config.default_action)
     bundle: TrustBundle | None = None
     bundle_error: str | None = None
-    if snapshot.trust_bundle_raw is None:
+    if previous is not None and previous.snapshot.trust_bundle_raw == snapshot.trust_bundle_raw:
+        bundle, bundle_error = previous.bundle, previous.bundle_error
+    elif snapshot.trust_bundle_raw is None:
         bundle_error = "no trust bundle in Consul KV (run 'meshctl ca init')"
     else:
         try:
@@ -142,5 +150,5 @@ class ViewCache:
     def view_for(self, snapshot: Snapshot) -> DataPlaneView:
         """The view of *snapshot* (cached by version)."""
         if self._view is None or self._view.snapshot is not snapshot:
-            self._view = build_view(snapshot, prefix=self._prefix)
+            self._view = build_view(snapshot, prefix=self._prefix, previous=self._view)
         return self._view

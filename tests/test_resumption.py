@@ -29,7 +29,7 @@ from agent.pump import Connection
 from agent.tlsconn import TLSConnection, abort_socket, handshake
 from agent.tlscontexts import CertifiedKey, TLSContexts
 from agent.tlssessions import SessionCache
-from meshd.dataplane import DataPlaneView, build_view
+from meshd.dataplane import DataPlaneView, ViewCache, build_view
 from meshd.peer import PeerRejected, PeerVerifier, verify_peer
 from meshd.snapshot import Endpoint, LocalService, make_snapshot
 from meshd.trustbundle import BundleRoot, RootState, TrustBundle
@@ -463,3 +463,31 @@ def test_peer_verifier_misses_on_a_new_bundle_and_stays_bounded(mesh_ca: MeshCa)
 def test_session_cache_is_bounded() -> None:
     with pytest.raises(ValueError):
         SessionCache(max_entries=0)
+
+
+def test_a_snapshot_with_the_same_bundle_keeps_the_tls_contexts(tmp_path: Path) -> None:
+    """Warm connections and session tickets belong to an SSLContext, and TLSContexts keys
+    contexts by the bundle object. Every snapshot parsed the bundle anew, so any endpoint
+    or health change in Consul threw away every warm connection and ticket (seen as
+    warm-pool misses in the lab). The same bundle bytes now keep the same object."""
+    ca, other = make_mesh_ca(), make_mesh_ca()
+    creds = Credentials(ca, tmp_path, dt.timedelta(hours=1))
+    creds.renew("web")
+    contexts = TLSContexts(creds)
+    cache = ViewCache()
+
+    def view(version: int, bundle: TrustBundle) -> DataPlaneView:
+        raw = bundle.to_json()
+        return cache.view_for(
+            make_snapshot(version=version, created_at=version, trust_bundle_raw=raw)
+        )
+
+    first = view(1, ca.bundle)
+    assert first.bundle is not None
+    ctx = contexts.context("client", "web", first.bundle)
+    second = view(2, ca.bundle)  # another snapshot, the same bundle
+    assert second.bundle is first.bundle
+    assert contexts.context("client", "web", second.bundle) is ctx
+    third = view(3, other.bundle)  # a new root: new bundle, new context
+    assert third.bundle is not None and third.bundle is not first.bundle
+    assert contexts.context("client", "web", third.bundle) is not ctx
