@@ -28,7 +28,7 @@ import stat
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +45,7 @@ from meshd.consul import ConsulSettings, open_consul
 from meshd.keyfile import read_secret
 from meshd.server.ca import SigningAuthority
 from meshlab.mesh import BIN, MESHD_PORT, TRUST_DOMAIN, Mesh, MeshHost, ServiceSpec
-from meshlab.netns import LabUnavailable, Process, open_lab
+from meshlab.netns import LabUnavailable, open_lab
 
 pytestmark = [pytest.mark.netns, pytest.mark.consul]
 
@@ -97,19 +97,6 @@ class HygieneMesh(Mesh):
         assert consul in text
         text = text.replace(consul, f'{consul}token_file = "{self.consul_token_file}"\n')
         toml.write_text(text.replace('[log]\nlevel = "info"', '[log]\nlevel = "debug"'))
-
-    def start_agent_with_path(self, name: str, path_dirs: Sequence[Path]) -> Process:
-        """``meshd-agent run`` with *path_dirs* first in its PATH (the tool wrappers)."""
-        mh = self.hosts[name]
-        env = _clean_env()
-        env["PATH"] = ":".join([*map(str, path_dirs), env.get("PATH", "/usr/sbin:/usr/bin")])
-        mh.agent = mh.host.spawn(
-            "agent",
-            [str(BIN / "meshd-agent"), "run", "--config", str(mh.dir / "agent.toml")],
-            env=env,
-        )
-        self.wait_admin(name, "/ready")
-        return mh.agent
 
 
 def _clean_env() -> dict[str, str]:
@@ -166,7 +153,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HygieneLab]:
             mesh.meshctl("token", "list", "--format", "json")
             mesh.meshctl("ca", "roots", "--format", "json")
             mesh.start_app("web", WEB_PORT)
-            mesh.start_agent_with_path("web", [wrap_dir])
+            mesh.start_agent("web", path_first=[wrap_dir])
             mesh.wait_passing("web", 1)
             wait_for_certificate(mesh, "web")
             # Refusals are where secrets slip into logs: a wrong secret for a real token id,
