@@ -218,15 +218,24 @@ def _verdict(ok: bool, values: Sequence[float], limit: float, le: bool) -> tuple
     return ok, (2 * within > len(values)) != ok
 
 
+def _direct(cells: Sequence[Cell], workload: str) -> dict[int, Cell]:
+    """``direct``'s cell of *workload* in each repetition."""
+    return {c.rep: c for c in cells if c.system == "direct" and c.workload == workload}
+
+
+def _added(c: Cell, direct: dict[int, Cell], pct: str) -> float:
+    """*c*'s *pct* minus ``direct``'s in the same repetition (µs); NaN when either is missing."""
+    d = direct.get(c.rep)
+    if d is None or pct not in c.latency_us or pct not in d.latency_us:
+        return float("nan")
+    return c.latency_us[pct] - d.latency_us[pct]
+
+
 def rep_added(cells: Sequence[Cell], who: str, workload: str, pct: str) -> list[float]:
     """``who``'s *pct* minus ``direct``'s in each repetition of *workload* (µs)."""
-    direct = {c.rep: c.latency_us for c in cells if c.system == "direct" and c.workload == workload}
-    return [
-        c.latency_us[pct] - direct[c.rep][pct]
-        for c in cells
-        if c.system == who and c.workload == workload and c.rep in direct
-        and pct in c.latency_us and pct in direct[c.rep]
-    ]  # fmt: skip
+    direct = _direct(cells, workload)
+    added = (_added(c, direct, pct) for c in cells if c.system == who and c.workload == workload)
+    return [a for a in added if not math.isnan(a)]
 
 
 def _errors(cells: Sequence[Cell], who: str, workload: str) -> int:
@@ -241,17 +250,14 @@ def rep_ratios(cells: Sequence[Cell], who: str, workload: str, metric: str) -> l
     ``direct`` of the same repetition). Repetitions where either value is missing,
     non-positive (added latency not distinguishable from direct) or NaN are left out.
     """
-    direct = {c.rep: c for c in cells if c.system == "direct" and c.workload == workload}
+    direct = _direct(cells, workload)
 
     def value(c: Cell) -> float:
         if metric == "cpu":
             return c.proxy_cpu_us
         if metric == "rate":
             return c.rate
-        d = direct.get(c.rep)
-        if d is None or "p50" not in c.latency_us or "p50" not in d.latency_us:
-            return float("nan")
-        return c.latency_us["p50"] - d.latency_us["p50"]
+        return _added(c, direct, "p50")
 
     mine = {c.rep: value(c) for c in cells if c.system == who and c.workload == workload}
     ref = {c.rep: value(c) for c in cells if c.system == REFERENCE and c.workload == workload}
